@@ -1,0 +1,100 @@
+"""spruce: exact, fast sparse and structured compute for PyTorch.
+
+Selection and masks live at the top level (``spruce.topk_mask`` ...); each op is also a torch
+custom op (``torch.ops.spruce.<name>``) with fake kernels for ``torch.compile`` and autograd where
+differentiable. Pure-PyTorch oracles of every op are in :mod:`spruce.reference`.
+"""
+
+from __future__ import annotations
+
+from . import _core
+from .errors import (
+    ArgumentError,
+    DeviceError,
+    DTypeError,
+    NonFiniteError,
+    ShapeError,
+    SpruceError,
+)
+from .masks import (
+    KthValue,
+    apply_mask_,
+    global_topk_masks,
+    kthvalue,
+    mask_to_csr,
+    nm_mask,
+    pack_mask,
+    quantile,
+    random_mask,
+    sparsity,
+    structured_mask,
+    topk_mask,
+    unpack_mask,
+)
+
+__version__: str = _core.__version__
+
+__all__ = [
+    "__version__",
+    "info",
+    "num_threads",
+    "set_num_threads",
+    # masks
+    "topk_mask",
+    "global_topk_masks",
+    "nm_mask",
+    "structured_mask",
+    "random_mask",
+    "kthvalue",
+    "quantile",
+    "pack_mask",
+    "unpack_mask",
+    "mask_to_csr",
+    "apply_mask_",
+    "sparsity",
+    "KthValue",
+    # errors
+    "SpruceError",
+    "ArgumentError",
+    "ShapeError",
+    "NonFiniteError",
+    "DTypeError",
+    "DeviceError",
+]
+
+
+def num_threads() -> int:
+    """The number of threads spruce's kernels use (``SPRUCE_NUM_THREADS`` or all cores)."""
+    return _core.num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of threads spruce's kernels use; 0 restores the default. Results never
+    depend on it."""
+    from ._native import check_int
+
+    _core.set_num_threads(check_int("set_num_threads", "n", n, lo=0, hi=4096))
+
+
+def info() -> dict[str, object]:
+    """Version, build profile, threads and accelerator availability, as a dict."""
+    import platform
+
+    import torch
+
+    build = dict(_core.build_info())
+    cuda = torch.cuda.is_available()
+    return {
+        "spruce": __version__,
+        "build profile": build["profile"],
+        "target": build["target"],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": num_threads(),
+        "cuda": (
+            "torch sees a CUDA device, but this build of spruce has no CUDA kernels yet: "
+            "spruce ops raise DeviceError on CUDA tensors"
+            if cuda
+            else "unavailable: torch sees no CUDA device (spruce ops run on CPU tensors)"
+        ),
+    }
