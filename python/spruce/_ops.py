@@ -223,3 +223,11 @@ def _q_backward(ctx, grad: Tensor, _glo: Tensor, _ghi: Tensor):
 
 
 quantile.register_autograd(_q_backward, setup_context=_q_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruning (spruce.prune)
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging (spruce.merge)

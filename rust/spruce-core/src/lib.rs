@@ -12,7 +12,9 @@ pub mod dtype;
 pub mod error;
 pub mod layout;
 pub mod mask;
+pub mod merge;
 pub mod parallel;
+pub mod prune;
 pub mod rng;
 pub mod select;
 

@@ -13,6 +13,8 @@ use pyo3::types::{PyDict, PyType};
 use spruce_core::{parallel, Error, Float};
 
 mod masks;
+mod merge;
+mod prune;
 use std::sync::Once;
 
 /// Raises the `spruce.errors` class that matches a core error.
@@ -204,6 +206,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     });
     // One `register` per capability module.
     masks::register(m)?;
+    merge::register(m)?;
+    prune::register(m)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;

@@ -1,0 +1,1 @@
+//! Model merging kernels (task arithmetic, TIES, DARE, DELLA, breadcrumbs, PCB, Fisher).

@@ -1,0 +1,1 @@
+//! Pruning kernels (scores, statistics, the batched two-sample Kolmogorov-Smirnov test).
