@@ -10,6 +10,8 @@ from __future__ import annotations
 from . import _core
 from .errors import (
     ArgumentError,
+    CheckpointError,
+    ConfigError,
     DeviceError,
     DTypeError,
     NonFiniteError,
@@ -60,6 +62,8 @@ __all__ = [
     "NonFiniteError",
     "DTypeError",
     "DeviceError",
+    "CheckpointError",
+    "ConfigError",
 ]
 
 

@@ -11,6 +11,22 @@ import numpy as np
 import numpy.typing as npt
 
 __version__: str
+__all__ = [
+    "topk_mask",
+    "global_topk_masks",
+    "nm_mask",
+    "structured_mask",
+    "random_mask",
+    "kthvalue",
+    "quantile",
+    "pack_mask",
+    "unpack_mask",
+    "mask_to_csr",
+    "num_threads",
+    "set_num_threads",
+    "build_info",
+    "__version__",
+]
 
 def topk_mask(scores: npt.NDArray[Any], sparsity: float, dim: int | None = None) -> npt.NDArray[np.bool_]:
     """Keep-mask pruning ``floor(sparsity * n)`` lowest entries per slice along ``dim`` (None: all)."""
@@ -18,11 +34,11 @@ def topk_mask(scores: npt.NDArray[Any], sparsity: float, dim: int | None = None)
 def global_topk_masks(scores: list[npt.NDArray[Any]], sparsity: float) -> list[npt.NDArray[np.bool_]]:
     """Keep-masks under one threshold across all arrays, without concatenating them."""
 
-def nm_mask(scores: npt.NDArray[Any], n: int, m: int, dim: int = -1) -> npt.NDArray[np.bool_]:
+def nm_mask(scores: npt.NDArray[Any], n: int, m: int, dim: int = ...) -> npt.NDArray[np.bool_]:
     """Keeps the ``n`` largest of every ``m`` consecutive entries along ``dim``."""
 
 def structured_mask(
-    scores: npt.NDArray[Any], sparsity: float, dim: int = 0, group_size: int = 1, norm: float = 2.0
+    scores: npt.NDArray[Any], sparsity: float, dim: int = ..., group_size: int = ..., norm: float = ...
 ) -> npt.NDArray[np.bool_]:
     """Prunes whole groups of slices along ``dim`` ranked by their L1/L2/L-inf norm."""
 

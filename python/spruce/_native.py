@@ -16,16 +16,24 @@ _FLOAT_NAMES = "float32, float64, float16 or bfloat16"
 
 def check_float(op: str, arg: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
-        raise DTypeError(f"{op}: {arg} must be a torch.Tensor or numpy.ndarray, got {type(t).__name__}")
+        raise DTypeError(
+            f"{op}: {arg} must be a torch.Tensor or numpy.ndarray, got {type(t).__name__}"
+        )
     if t.dtype not in FLOAT_DTYPES:
-        raise DTypeError(f"{op}: {arg} has dtype {str(t.dtype).replace('torch.', '')}, expected {_FLOAT_NAMES}")
+        raise DTypeError(
+            f"{op}: {arg} has dtype {str(t.dtype).replace('torch.', '')}, expected {_FLOAT_NAMES}"
+        )
 
 
 def check_bool(op: str, arg: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
-        raise DTypeError(f"{op}: {arg} must be a torch.Tensor or numpy.ndarray, got {type(t).__name__}")
+        raise DTypeError(
+            f"{op}: {arg} must be a torch.Tensor or numpy.ndarray, got {type(t).__name__}"
+        )
     if t.dtype != torch.bool:
-        raise DTypeError(f"{op}: {arg} has dtype {str(t.dtype).replace('torch.', '')}, expected bool")
+        raise DTypeError(
+            f"{op}: {arg} has dtype {str(t.dtype).replace('torch.', '')}, expected bool"
+        )
 
 
 def check_cpu(op: str, arg: str, t: torch.Tensor) -> None:

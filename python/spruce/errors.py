@@ -15,6 +15,8 @@ __all__ = [
     "NonFiniteError",
     "DTypeError",
     "DeviceError",
+    "CheckpointError",
+    "ConfigError",
 ]
 
 
@@ -40,3 +42,11 @@ class DTypeError(SpruceError, TypeError):
 
 class DeviceError(SpruceError, RuntimeError):
     """A tensor is on a device the operation cannot run on in this build or environment."""
+
+
+class CheckpointError(SpruceError, ValueError):
+    """A checkpoint file or directory is missing, malformed or inconsistent."""
+
+
+class ConfigError(SpruceError, ValueError):
+    """A configuration (YAML/JSON/arguments of a command) is malformed or inconsistent."""
