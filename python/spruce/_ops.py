@@ -231,3 +231,11 @@ quantile.register_autograd(_q_backward, setup_context=_q_setup)
 
 # ---------------------------------------------------------------------------------------------
 # Merging (spruce.merge)
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured matrices (spruce.structured, spruce.nn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graphs and distillation (spruce.graph, spruce.distill)

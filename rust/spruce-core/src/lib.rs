@@ -8,7 +8,9 @@
 //! ascending, with `-0.0 == +0.0`; the lowest are pruned first, so ties prune the lower index
 //! first. NaN scores cannot be ranked and are rejected with [`Error::NonFinite`].
 
+pub mod distill;
 pub mod dtype;
+pub mod graph;
 pub mod error;
 pub mod layout;
 pub mod mask;
@@ -17,6 +19,7 @@ pub mod parallel;
 pub mod prune;
 pub mod rng;
 pub mod select;
+pub mod structured;
 
 pub use dtype::{bf16, f16, Float, Scores};
 pub use error::{Error, Result};

@@ -12,9 +12,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyType};
 use spruce_core::{parallel, Error, Float};
 
+mod graph;
 mod masks;
 mod merge;
 mod prune;
+mod structured;
 use std::sync::Once;
 
 /// Raises the `spruce.errors` class that matches a core error.
@@ -208,6 +210,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     masks::register(m)?;
     merge::register(m)?;
     prune::register(m)?;
+    structured::register(m)?;
+    graph::register(m)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;

@@ -1,0 +1,1 @@
+//! Graphs: CSR construction and normalization, SpMM, segment and scatter reductions.

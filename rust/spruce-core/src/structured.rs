@@ -1,0 +1,1 @@
+//! Structured matrices: butterfly, Monarch, orthogonal butterfly (BOFT/OFT), Kronecker, Walsh-Hadamard.
