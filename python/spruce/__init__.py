@@ -15,6 +15,7 @@ from .errors import (
     DeviceError,
     DTypeError,
     NonFiniteError,
+    OutOfMemoryError,
     ShapeError,
     SpruceError,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "DeviceError",
     "CheckpointError",
     "ConfigError",
+    "OutOfMemoryError",
 ]
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "DeviceError",
     "CheckpointError",
     "ConfigError",
+    "OutOfMemoryError",
 ]
 
 
@@ -50,3 +51,7 @@ class CheckpointError(SpruceError, ValueError):
 
 class ConfigError(SpruceError, ValueError):
     """A configuration (YAML/JSON/arguments of a command) is malformed or inconsistent."""
+
+
+class OutOfMemoryError(SpruceError, MemoryError):
+    """A result could not be allocated (the request is larger than the memory available)."""

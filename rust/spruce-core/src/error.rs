@@ -13,6 +13,9 @@ pub enum Error {
     /// A tensor holds NaN where values must be ordered or finite.
     #[error("{op}: {arg} contains NaN; NaN cannot be ranked (replace it first, e.g. with torch.nan_to_num)")]
     NonFinite { op: &'static str, arg: &'static str },
+    /// An output could not be allocated.
+    #[error("{op}: cannot allocate {bytes} bytes for the result")]
+    OutOfMemory { op: &'static str, bytes: u128 },
     /// A tensor's element type is not supported by the operation.
     #[error("{op}: {arg} has dtype {dtype}, expected {expected}")]
     DType { op: &'static str, arg: &'static str, dtype: String, expected: String },
@@ -42,6 +45,38 @@ pub fn fmt_shape(shape: &[usize]) -> String {
             format!("({})", parts.join(", "))
         }
     }
+}
+
+/// Element types whose all-zero bit pattern is a valid value (false, 0, 0.0).
+///
+/// # Safety
+/// Implementors must accept the all-zero bit pattern as a valid value.
+pub unsafe trait Zeroable: Copy {}
+// SAFETY: all-zero bits are `false`, `0` and `+0.0` respectively.
+unsafe impl Zeroable for bool {}
+unsafe impl Zeroable for u8 {}
+unsafe impl Zeroable for i64 {}
+unsafe impl Zeroable for u64 {}
+unsafe impl Zeroable for f32 {}
+unsafe impl Zeroable for f64 {}
+
+/// A zero-filled vector of `n` elements, or [`Error::OutOfMemory`] instead of aborting.
+///
+/// Uses a zeroed allocation (calloc), so untouched pages cost nothing and no serial fill runs.
+pub fn try_zeroed<T: Zeroable>(op: &'static str, n: usize) -> Result<Vec<T>> {
+    let oom = || Error::OutOfMemory { op, bytes: n as u128 * std::mem::size_of::<T>() as u128 };
+    if n == 0 || std::mem::size_of::<T>() == 0 {
+        return Ok(vec![]);
+    }
+    let layout = std::alloc::Layout::array::<T>(n).map_err(|_| oom())?;
+    // SAFETY: `layout` has non-zero size (checked above).
+    let p = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
+    if p.is_null() {
+        return Err(oom());
+    }
+    // SAFETY: `p` was allocated by the global allocator with the layout of `[T; n]`, and every
+    // element is a valid `T` because all-zero bits are valid for `T: Zeroable`.
+    Ok(unsafe { Vec::from_raw_parts(p, n, n) })
 }
 
 /// Checks that a buffer holds exactly the elements its shape promises.
@@ -78,6 +113,15 @@ mod tests {
         );
         assert_eq!(fmt_shape(&[7]), "(7,)");
         assert_eq!(fmt_shape(&[]), "()");
+    }
+
+    #[test]
+    fn zeroed_allocations_fail_cleanly() {
+        let v: Vec<bool> = try_zeroed("t", 1000).unwrap();
+        assert!(v.iter().all(|&b| !b));
+        let e = try_zeroed::<u64>("t", usize::MAX / 4).unwrap_err();
+        assert!(matches!(e, Error::OutOfMemory { op: "t", .. }));
+        assert!(try_zeroed::<f32>("t", 0).unwrap().is_empty());
     }
 
     #[test]

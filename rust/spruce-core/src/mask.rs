@@ -1,11 +1,11 @@
 //! Mask construction: N:M, structured (whole slices or groups), random; bitmask packing; CSR.
 
 use crate::dtype::Float;
-use crate::error::{check_fraction, check_numel, fmt_shape, Error, Result};
+use crate::error::{check_fraction, check_numel, fmt_shape, try_zeroed, Error, Result};
 use crate::layout::{normalize_dim, Layout};
 use crate::parallel::install;
 use crate::rng;
-use crate::select::{map_slices_mask, prune_masks, row_select, Item, KeySource, RowScratch};
+use crate::select::{make_items, map_slices_mask, prune_masks, row_select, Item, KeySource, RowScratch};
 use rayon::prelude::*;
 
 /// Marks, inside one group of `m` values, the `drop` smallest by (value, index) as pruned.
@@ -92,7 +92,7 @@ pub fn nm_mask<T: Float>(data: &[T], shape: &[usize], dim: i64, n: i64, m: i64) 
         if lay.inner == 1 && !data.is_empty() {
             // Groups never straddle rows: treat the buffer as one run of groups. Zeroed
             // (calloc); every group writes all of its entries.
-            let mut out = vec![false; data.len()];
+            let mut out = try_zeroed(OP, data.len())?;
             let run = m * (4096 / m).max(1);
             let nan = out
                 .par_chunks_mut(run)
@@ -110,11 +110,13 @@ pub fn nm_mask<T: Float>(data: &[T], shape: &[usize], dim: i64, n: i64, m: i64) 
             }
             Ok(out)
         } else {
-            map_slices_mask(
-                data,
-                lay,
-                |row, o, s| if nm_row_any(row, m, drop, o, s) { Err(nan_err()) } else { Ok(()) },
-            )
+            map_slices_mask(OP, data, lay, |row, o, s| {
+                if nm_row_any(row, m, drop, o, s) {
+                    Err(nan_err())
+                } else {
+                    Ok(())
+                }
+            })
         }
     })
 }
@@ -226,7 +228,7 @@ pub fn structured_mask<T: Float>(
             row_select(&groups, k, Some(&mut keep), &mut RowScratch::default())
                 .map_err(|_| Error::NonFinite { op: OP, arg: "scores" })?;
         }
-        let mut out = vec![true; data.len()];
+        let mut out = try_zeroed(OP, data.len())?; // every block is filled below
         let block = lay.len * lay.inner;
         if block > 0 {
             out.par_chunks_mut(block).for_each(|b| {
@@ -271,14 +273,8 @@ pub fn random_mask(numel: usize, density: f64, seed: u64) -> Result<Vec<bool>> {
     const OP: &str = "random_mask";
     check_fraction(OP, "density", density)?;
     let keep = keep_count(density, numel);
-    let mut out = vec![false; numel]; // prune_masks writes every element
-    let mut items = vec![];
-    let mut start = 0;
-    while start < numel {
-        let end = (start + (1 << 16)).min(numel);
-        items.push(Item { seg: 0, start, end });
-        start = end;
-    }
+    let mut out = try_zeroed(OP, numel)?; // prune_masks writes every element
+    let items = make_items(std::iter::once(numel));
     let src = RandomSource { seed, items };
     install(|| prune_masks(&src, (numel - keep) as u64, &mut [&mut out[..]]))
         .map_err(|_| Error::NonFinite { op: OP, arg: "keys" })?;
@@ -299,7 +295,7 @@ pub fn pack_mask(mask: &[bool], shape: &[usize]) -> Result<(Vec<u8>, Vec<usize>)
     check_numel("pack_mask", "mask", mask.len(), shape)?;
     let (rows, cols) = rows_cols(shape);
     let bpr = cols.div_ceil(8);
-    let mut out = vec![0u8; rows * bpr];
+    let mut out = try_zeroed("pack_mask", rows * bpr)?;
     if bpr > 0 {
         install(|| {
             out.par_chunks_mut(bpr).enumerate().for_each(|(r, o)| {
@@ -338,7 +334,7 @@ pub fn unpack_mask(packed: &[u8], packed_shape: &[usize], shape: &[usize]) -> Re
             format!("{} for a mask of shape {}", fmt_shape(&want), fmt_shape(shape)),
         ));
     }
-    let mut out = vec![false; rows * cols];
+    let mut out = try_zeroed(OP, rows * cols)?;
     if cols > 0 {
         install(|| {
             out.par_chunks_mut(cols).enumerate().for_each(|(r, o)| {

@@ -10,7 +10,7 @@
 //!   one pass writes the masks, breaking ties at the threshold by global position.
 
 use crate::dtype::{Float, Scores};
-use crate::error::{check_fraction, check_numel, Error, Result};
+use crate::error::{check_fraction, check_numel, try_zeroed, Error, Result};
 use crate::layout::{normalize_dim, reduced_shape, Layout};
 use crate::parallel::{install, SyncPtr};
 use crate::with_scores;
@@ -118,7 +118,8 @@ pub(crate) struct Item {
     pub end: usize,
 }
 
-fn make_items(lens: impl Iterator<Item = usize>) -> Vec<Item> {
+/// Splits segments of the given lengths into work items of at most `CHUNK` positions.
+pub(crate) fn make_items(lens: impl Iterator<Item = usize>) -> Vec<Item> {
     let mut items = vec![];
     for (seg, len) in lens.enumerate() {
         let mut start = 0;
@@ -352,12 +353,13 @@ fn slice_of<'a, T: Float>(data: &'a [T], lay: &Layout, s: usize, buf: &'a mut Ve
 /// Builds a keep-mask of the shape of `data`, filling every slice with `f(slice, mask_of_slice)`.
 /// Parallel over slices; slices along an inner dimension are gathered and scattered.
 pub(crate) fn map_slices_mask<T: Float>(
+    op: &'static str,
     data: &[T],
     lay: Layout,
     f: impl Fn(&[T], &mut [bool], &mut RowScratch) -> Result<()> + Sync,
 ) -> Result<Vec<bool>> {
     // Zeroed (calloc: no serial fill); `f` writes every element of its slice.
-    let mut out = vec![false; data.len()];
+    let mut out = try_zeroed(op, data.len())?;
     if data.is_empty() {
         return Ok(out);
     }
@@ -395,7 +397,7 @@ fn slice_prune_masks<T: Float>(
     k: usize,
 ) -> Result<Vec<bool>> {
     if use_big(&lay) {
-        let mut out = vec![false; data.len()]; // prune_masks writes every element
+        let mut out = try_zeroed(op, data.len())?; // prune_masks writes every element
         let mut buf = Vec::new();
         let mut m = Vec::new();
         for s in 0..lay.slices() {
@@ -416,7 +418,7 @@ fn slice_prune_masks<T: Float>(
         }
         Ok(out)
     } else {
-        map_slices_mask(data, lay, |row, m, s| {
+        map_slices_mask(op, data, lay, |row, m, s| {
             row_select(row, k, Some(m), s).map(|_| ()).map_err(|_| nan_error(op, arg))
         })
     }
@@ -447,7 +449,7 @@ pub fn global_topk_masks(segs: &[Scores<'_>], sparsity: f64) -> Result<Vec<Vec<b
     let total: u64 = segs.iter().map(|s| s.len() as u64).sum();
     let k = ((sparsity * total as f64).floor() as u64).min(total);
     // Zeroed (calloc); prune_masks writes every element.
-    let mut outs: Vec<Vec<bool>> = segs.iter().map(|s| vec![false; s.len()]).collect();
+    let mut outs: Vec<Vec<bool>> = segs.iter().map(|s| try_zeroed(OP, s.len())).collect::<Result<_>>()?;
     install(|| {
         let src = ScoresSource::new(segs);
         let mut views: Vec<&mut [bool]> = outs.iter_mut().map(|o| &mut o[..]).collect();

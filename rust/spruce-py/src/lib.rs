@@ -26,6 +26,7 @@ pub(crate) fn py_err(e: Error) -> PyErr {
         Error::Shape { .. } => "ShapeError",
         Error::NonFinite { .. } => "NonFiniteError",
         Error::DType { .. } => "DTypeError",
+        Error::OutOfMemory { .. } => "OutOfMemoryError",
     };
     let msg = e.to_string();
     Python::attach(|py| {
