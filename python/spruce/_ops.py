@@ -234,6 +234,10 @@ quantile.register_autograd(_q_backward, setup_context=_q_setup)
 
 
 # ---------------------------------------------------------------------------------------------
+# Tensor networks (spruce.tn)
+
+
+# ---------------------------------------------------------------------------------------------
 # Structured matrices (spruce.structured, spruce.nn)
 
 

@@ -10,8 +10,8 @@
 
 pub mod distill;
 pub mod dtype;
-pub mod graph;
 pub mod error;
+pub mod graph;
 pub mod layout;
 pub mod mask;
 pub mod merge;
@@ -20,6 +20,7 @@ pub mod prune;
 pub mod rng;
 pub mod select;
 pub mod structured;
+pub mod tn;
 
 pub use dtype::{bf16, f16, Float, Scores};
 pub use error::{Error, Result};

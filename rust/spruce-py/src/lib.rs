@@ -17,6 +17,7 @@ mod masks;
 mod merge;
 mod prune;
 mod structured;
+mod tn;
 use std::sync::Once;
 
 /// Raises the `spruce.errors` class that matches a core error.
@@ -213,6 +214,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     prune::register(m)?;
     structured::register(m)?;
     graph::register(m)?;
+    tn::register(m)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;

@@ -1,0 +1,1 @@
+//! Tensor networks: contraction-path optimization, TT/MPO/Tucker decompositions.
