@@ -1,12 +1,19 @@
-"""Timing and peak-memory measurement shared by ``spruce demo`` and the benchmarks.
+"""Timing and peak-memory measurement shared by ``spruce demo``, the tests and the benchmarks.
 
-Peak memory is measured as resident memory (Linux ``VmHWM``, reset through
-``/proc/self/clear_refs``), since native allocations are invisible to ``tracemalloc``. Where that
-interface is missing the peak is reported as ``None``.
+Rust (and most of torch's) allocations are invisible to ``tracemalloc``, so peak memory is the
+process's resident set: ``/proc/self/clear_refs`` (write ``5``) resets the peak ``VmHWM`` to the
+current ``VmRSS``; the peak reached while a callable runs, minus ``VmRSS`` before it, is the
+extra memory it needed (its outputs included, since they are alive when the peak is read).
+
+Before each measurement freed heap memory is handed back to the OS (``malloc_trim(0)``):
+otherwise an allocation could reuse pages that an earlier, freed result left resident and
+would not show in the peak. Peaks are ``None`` where the interface is missing (not Linux).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import time
 from collections.abc import Callable
@@ -14,20 +21,27 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+try:
+    _LIBC: Any = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _MALLOC_TRIM = _LIBC.malloc_trim
+except (OSError, AttributeError):
+    _MALLOC_TRIM = None
 
-def _status_kib(field: str) -> int | None:
+
+def status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM`` ...) in bytes."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
-                    return int(line.split()[1])
+                    return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
 
 
 def reset_peak() -> bool:
-    """Resets the process's peak resident memory; False where the OS does not support it."""
+    """Resets the peak resident memory (``VmHWM``) to the current one; False if unsupported."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -36,16 +50,65 @@ def reset_peak() -> bool:
         return False
 
 
+def release_free_memory() -> None:
+    """Collects garbage and returns the allocator's free pages to the OS."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+class PeakMeter:
+    """``start()`` before the work, ``stop()`` right after it: the peak extra bytes in between.
+
+    Split in two so that the preparation (garbage collection, trimming) can stay outside a timed
+    region while the single read of the peak stays inside it.
+    """
+
+    def __init__(self) -> None:
+        self._ok = False
+        self._before: int | None = None
+
+    def start(self) -> None:
+        release_free_memory()
+        self._ok = reset_peak()
+        self._before = status_bytes("VmRSS")
+
+    def stop(self) -> int | None:
+        peak = status_bytes("VmHWM")
+        if not self._ok or self._before is None or peak is None:
+            return None
+        return max(0, peak - self._before)
+
+
 def peak_extra(fn: Callable[[], T]) -> tuple[T, int | None]:
     """Runs ``fn`` once; returns its result and the peak resident memory it added, in bytes."""
-    gc.collect()
-    ok = reset_peak()
-    before = _status_kib("VmRSS")
+    meter = PeakMeter()
+    meter.start()
     result = fn()
-    peak = _status_kib("VmHWM")
-    if not ok or before is None or peak is None:
-        return result, None
-    return result, max(0, peak - before) * 1024
+    return result, meter.stop()
+
+
+def nbytes(obj: object) -> int:
+    """The bytes held by the tensors and arrays in ``obj`` (recursing into tuples and lists)."""
+    if hasattr(obj, "untyped_storage") and hasattr(obj, "element_size"):  # torch.Tensor
+        return obj.numel() * obj.element_size()  # type: ignore[attr-defined]
+    if hasattr(obj, "nbytes") and hasattr(obj, "dtype"):  # numpy.ndarray
+        return int(obj.nbytes)  # type: ignore[attr-defined]
+    if isinstance(obj, (tuple, list)):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+def mem_available() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo``, in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def best_time(fn: Callable[[], Any], *, repeat: int = 3, warmup: int = 1) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,6 +53,11 @@ def _dim(op: str, dim: Any) -> int | None:
     return None if dim is None else check_int(op, "dim", dim)
 
 
+def _as_slice(t: Tensor, dim: int | None) -> Tensor:
+    """A 0-D tensor as one slice of one element when ``dim`` is 0 or -1 (torch's convention)."""
+    return t.reshape(1) if t.dim() == 0 and dim in (0, -1) else t
+
+
 def topk_mask(scores: Any, sparsity: float, *, dim: int | None = None) -> Any:
     """Keep-mask pruning exactly ``floor(sparsity * n)`` lowest-scoring entries of each slice.
 
@@ -64,7 +70,8 @@ def topk_mask(scores: Any, sparsity: float, *, dim: int | None = None) -> Any:
     """
     t, np_in = as_tensor("topk_mask", "scores", scores)
     s = check_number("topk_mask", "sparsity", sparsity)
-    return back(_ops.topk_mask(t, s, _dim("topk_mask", dim)), np_in)
+    d = _dim("topk_mask", dim)
+    return back(_ops.topk_mask(_as_slice(t, d), s, d).reshape(t.shape), np_in)
 
 
 def global_topk_masks(scores: Sequence[Any], sparsity: float) -> list[Any]:
@@ -95,7 +102,8 @@ def nm_mask(scores: Any, n: int, m: int, *, dim: int = -1) -> Any:
     t, np_in = as_tensor("nm_mask", "scores", scores)
     n = check_int("nm_mask", "n", n)
     m = check_int("nm_mask", "m", m)
-    return back(_ops.nm_mask(t, n, m, check_int("nm_mask", "dim", dim)), np_in)
+    d = check_int("nm_mask", "dim", dim)
+    return back(_ops.nm_mask(_as_slice(t, d), n, m, d).reshape(t.shape), np_in)
 
 
 def structured_mask(
@@ -117,7 +125,8 @@ def structured_mask(
     s = check_number("structured_mask", "sparsity", sparsity)
     gs = check_int("structured_mask", "group_size", group_size)
     p = check_number("structured_mask", "norm", norm)
-    return back(_ops.structured_mask(t, s, check_int("structured_mask", "dim", dim), gs, p), np_in)
+    d = check_int("structured_mask", "dim", dim)
+    return back(_ops.structured_mask(_as_slice(t, d), s, d, gs, p).reshape(t.shape), np_in)
 
 
 def random_mask(
@@ -149,11 +158,14 @@ def kthvalue(x: Any, k: int, *, dim: int | None = None) -> KthValue:
     Differentiable in ``x``.
     """
     t, np_in = as_tensor("kthvalue", "input", x)
-    v, i = _ops.kthvalue(t, check_int("kthvalue", "k", k), _dim("kthvalue", dim))
+    d = _dim("kthvalue", dim)
+    v, i = _ops.kthvalue(_as_slice(t, d), check_int("kthvalue", "k", k), d)
     return KthValue(back(v, np_in), back(i, np_in))
 
 
-def quantile(x: Any, q: float | Sequence[float] | Tensor, *, dim: int | None = None) -> Any:
+def quantile(
+    x: Any, q: float | Sequence[float] | Tensor | np.ndarray, *, dim: int | None = None
+) -> Any:
     """Quantiles with linear interpolation (``torch.quantile``'s default), exact, no size limit.
 
     ``q`` is a float (result shaped like the reduction) or a 1-D sequence (a leading dimension of
@@ -163,6 +175,8 @@ def quantile(x: Any, q: float | Sequence[float] | Tensor, *, dim: int | None = N
     ``x``.
     """
     t, np_in = as_tensor("quantile", "input", x)
+    if isinstance(q, np.ndarray):
+        q = torch.from_numpy(np.asarray(q, dtype=np.float64))
     scalar = not isinstance(q, (Sequence, Tensor))
     if isinstance(q, Tensor):
         if q.dim() > 1:
@@ -173,7 +187,8 @@ def quantile(x: Any, q: float | Sequence[float] | Tensor, *, dim: int | None = N
         qs = [check_number("quantile", "q", q)]
     else:
         qs = [check_number("quantile", "q", v) for v in q]  # type: ignore[union-attr]
-    values, _, _ = _ops.quantile(t, qs, _dim("quantile", dim))
+    d = _dim("quantile", dim)
+    values, _, _ = _ops.quantile(_as_slice(t, d), qs, d)
     return back(values[0] if scalar else values, np_in)
 
 

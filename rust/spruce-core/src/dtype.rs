@@ -95,8 +95,25 @@ macro_rules! impl_float {
 
 impl_float!(f32, "float32", false, |s| s, s as f64, |v: f64| v as f32, F32);
 impl_float!(f64, "float64", true, |s| s as f32, s, |v: f64| v, F64);
-impl_float!(f16, "float16", false, |s| s.to_f32(), s.to_f64(), f16::from_f64, F16);
-impl_float!(bf16, "bfloat16", false, |s| s.to_f32(), s.to_f64(), bf16::from_f64, BF16);
+impl_float!(f16, "float16", false, |s| s.to_f32(), s.to_f64(), |v| f16::from_f32(f32_odd(v)), F16);
+impl_float!(bf16, "bfloat16", false, |s| s.to_f32(), s.to_f64(), |v| bf16::from_f32(f32_odd(v)), BF16);
+
+/// `v` rounded to f32 *to odd*: truncated, with the last bit set when anything was cut. A second
+/// rounding of that to nearest-even into a format with at least two fewer significand bits (f16,
+/// bf16) equals one correct rounding of `v`, which `half`'s own `from_f64` (it drops the low 32
+/// bits of the f64 significand) does not give.
+#[inline]
+pub fn f32_odd(v: f64) -> f32 {
+    let t = v as f32;
+    if !t.is_finite() || t as f64 == v {
+        return t;
+    }
+    let mut bits = t.to_bits();
+    if (t as f64).abs() > v.abs() {
+        bits -= 1; // one step toward zero: the truncation
+    }
+    f32::from_bits(bits | 1)
+}
 
 /// A borrowed tensor of any supported float type (for ops over several tensors at once).
 #[derive(Clone, Copy, Debug)]
@@ -161,5 +178,24 @@ mod tests {
         assert_eq!(b.key_as(true), key64(-2.25));
         assert!(f16::NAN.is_nan());
         assert!(!bf16::from_f32(3.0).is_nan());
+    }
+
+    #[test]
+    fn f64_rounds_once_to_half_types() {
+        // just above the midpoint of two neighbours: must round up, not to the even one below
+        let v = 1.0 + 2f64.powi(-11) + 2f64.powi(-40);
+        assert_eq!(<f16 as Float>::from_f64(v).to_f64(), 1.0 + 2f64.powi(-10));
+        let v = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
+        assert_eq!(<bf16 as Float>::from_f64(v).to_f64(), 1.0 + 2f64.powi(-7));
+        // exact midpoints still round to even; exact values, signs, overflow and NaN pass through
+        assert_eq!(<f16 as Float>::from_f64(1.0 + 2f64.powi(-11)).to_f64(), 1.0);
+        assert_eq!(<bf16 as Float>::from_f64(-(1.0 + 3.0 * 2f64.powi(-8))).to_f64(), -(1.0 + 2f64.powi(-6)));
+        assert_eq!(<f16 as Float>::from_f64(-0.375).to_f64(), -0.375);
+        assert_eq!(<f16 as Float>::from_f64(1e6).to_f64(), f64::INFINITY);
+        assert_eq!(<bf16 as Float>::from_f64(1e300).to_f64(), f64::INFINITY);
+        assert!(<f16 as Float>::from_f64(f64::NAN).is_nan());
+        // below the smallest f16 subnormal's half: zero; just above: the subnormal
+        assert_eq!(<f16 as Float>::from_f64(2f64.powi(-25)).to_f64(), 0.0);
+        assert_eq!(<f16 as Float>::from_f64(2f64.powi(-25) * (1.0 + 1e-12)).to_f64(), 2f64.powi(-24));
     }
 }

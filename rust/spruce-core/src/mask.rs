@@ -289,6 +289,30 @@ fn rows_cols(shape: &[usize]) -> (usize, usize) {
     }
 }
 
+/// The bytes of a bool slice (each 0 or 1).
+#[inline]
+fn as_bytes(b: &[bool]) -> &[u8] {
+    // SAFETY: bool has size and alignment 1 and holds 0 or 1, a valid u8.
+    unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<u8>(), b.len()) }
+}
+
+/// Eight 0/1 bytes as one byte, byte `i` into bit `i`: one multiply moves byte `i` (bit `8i`)
+/// to bit `56 + i`; every other partial product lands below bit 56 at distinct positions (no
+/// carry) or above bit 63.
+#[inline(always)]
+fn pack8(bits: &[u8]) -> u8 {
+    let x = u64::from_le_bytes(bits.try_into().expect("8 bytes"));
+    (x.wrapping_mul(0x0102_0408_1020_4080) >> 56) as u8
+}
+
+/// Bit `i` of `b` as byte `i` (0 or 1): replicate `b` into every byte, keep bit `i` of byte
+/// `i`, then turn each nonzero byte into 1 (adding 0x7f carries into bit 7, never across bytes).
+#[inline(always)]
+fn spread8(b: u8) -> [u8; 8] {
+    let x = (b as u64).wrapping_mul(0x0101_0101_0101_0101) & 0x8040_2010_0804_0201;
+    (((x + 0x7f7f_7f7f_7f7f_7f7f) & 0x8080_8080_8080_8080) >> 7).to_le_bytes()
+}
+
 /// Packs a bool mask into bits per row of the last dimension: `ceil(cols / 8)` bytes per row,
 /// little bit order (equal to `numpy.packbits(mask, axis=-1, bitorder="little")`).
 pub fn pack_mask(mask: &[bool], shape: &[usize]) -> Result<(Vec<u8>, Vec<usize>)> {
@@ -299,9 +323,14 @@ pub fn pack_mask(mask: &[bool], shape: &[usize]) -> Result<(Vec<u8>, Vec<usize>)
     if bpr > 0 {
         install(|| {
             out.par_chunks_mut(bpr).enumerate().for_each(|(r, o)| {
-                let row = &mask[r * cols..(r + 1) * cols];
-                for (byte, bits) in o.iter_mut().zip(row.chunks(8)) {
-                    *byte = bits.iter().enumerate().fold(0u8, |a, (i, &b)| a | ((b as u8) << i));
+                let row = as_bytes(&mask[r * cols..(r + 1) * cols]);
+                let mut eights = row.chunks_exact(8);
+                for (byte, bits) in o.iter_mut().zip(&mut eights) {
+                    *byte = pack8(bits);
+                }
+                if let Some(last) = o.get_mut(cols / 8) {
+                    let tail = eights.remainder();
+                    *last = tail.iter().enumerate().fold(0u8, |a, (i, &b)| a | (b << i));
                 }
             })
         });
@@ -334,13 +363,22 @@ pub fn unpack_mask(packed: &[u8], packed_shape: &[usize], shape: &[usize]) -> Re
             format!("{} for a mask of shape {}", fmt_shape(&want), fmt_shape(shape)),
         ));
     }
-    let mut out = try_zeroed(OP, rows * cols)?;
+    let mut out: Vec<bool> = try_zeroed(OP, rows * cols)?;
     if cols > 0 {
         install(|| {
             out.par_chunks_mut(cols).enumerate().for_each(|(r, o)| {
                 let bytes = &packed[r * bpr..(r + 1) * bpr];
-                for (j, v) in o.iter_mut().enumerate() {
-                    *v = (bytes[j / 8] >> (j % 8)) & 1 == 1;
+                // SAFETY: only 0 and 1 (valid bools) are written through the byte view.
+                let ob = unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<u8>(), o.len()) };
+                let mut eights = ob.chunks_exact_mut(8);
+                for (dst, &b) in (&mut eights).zip(bytes) {
+                    dst.copy_from_slice(&spread8(b));
+                }
+                let tail = eights.into_remainder();
+                if let Some(&b) = bytes.get(cols / 8) {
+                    for (i, v) in tail.iter_mut().enumerate() {
+                        *v = (b >> i) & 1;
+                    }
                 }
             })
         });
@@ -441,6 +479,15 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, random_mask(300_000, 0.5, 8).unwrap());
         assert_eq!(keep_count(0.5, 5), 2); // round half to even, as Python
+    }
+
+    #[test]
+    fn pack8_is_exact_for_every_byte() {
+        for v in 0u32..256 {
+            let bits: Vec<u8> = (0..8).map(|i| ((v >> i) & 1) as u8).collect();
+            assert_eq!(pack8(&bits) as u32, v);
+            assert_eq!(spread8(v as u8).to_vec(), bits);
+        }
     }
 
     #[test]
