@@ -1,1 +1,0 @@
-//! Tensor networks: contraction-path optimization, TT/MPO/Tucker decompositions.

@@ -1,0 +1,197 @@
+use super::*;
+
+fn opts(optimize: Optimize) -> PathOptions {
+    PathOptions { optimize, memory_limit: MemoryLimit::Unlimited, time_limit: None }
+}
+
+fn path(eq: &str, shapes: &[Vec<usize>], o: Optimize) -> PathInfo {
+    contract_path(eq, shapes, &opts(o)).unwrap()
+}
+
+/// A small deterministic generator for test networks.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// A random connected network: `n` operands, about `extra` bonds beyond a spanning tree,
+/// some output indices, sizes 2..=5.
+fn random_network(seed: u64, n: usize, extra: usize, outputs: usize) -> (String, Vec<Vec<usize>>) {
+    let mut r = Lcg(seed);
+    let mut terms: Vec<Vec<usize>> = vec![vec![]; n];
+    let mut sizes = vec![];
+    let bond = |a: usize, b: usize, terms: &mut Vec<Vec<usize>>, sizes: &mut Vec<usize>, r: &mut Lcg| {
+        let id = sizes.len();
+        sizes.push(2 + r.next(4) as usize);
+        terms[a].push(id);
+        if b != a {
+            terms[b].push(id);
+        }
+    };
+    for i in 1..n {
+        let j = r.next(i as u64) as usize;
+        bond(i, j, &mut terms, &mut sizes, &mut r);
+    }
+    for _ in 0..extra {
+        let (a, b) = (r.next(n as u64) as usize, r.next(n as u64) as usize);
+        if a != b {
+            bond(a, b, &mut terms, &mut sizes, &mut r);
+        }
+    }
+    let mut out = String::new();
+    for _ in 0..outputs {
+        let a = r.next(n as u64) as usize;
+        let id = sizes.len();
+        sizes.push(2 + r.next(3) as usize);
+        terms[a].push(id);
+        out.push(parse::symbol(id));
+    }
+    let eq = terms
+        .iter()
+        .map(|t| t.iter().map(|&i| parse::symbol(i)).collect::<String>())
+        .collect::<Vec<_>>()
+        .join(",");
+    let shapes = terms.iter().map(|t| t.iter().map(|&i| sizes[i]).collect()).collect();
+    (format!("{eq}->{out}"), shapes)
+}
+
+fn brute_force(eq: &str, shapes: &[Vec<usize>]) -> u128 {
+    let network = parse(eq, shapes).unwrap();
+    let net = Net::new(&network);
+    fn rec(network: &Network, net: &Net, k: usize, prefix: &mut Vec<Vec<usize>>, best: &mut u128) {
+        if k == 1 {
+            let e = evaluate::<2>(network, net, prefix).ok().unwrap();
+            *best = (*best).min(e.opt_cost.to_dec().parse().unwrap());
+            return;
+        }
+        for a in 0..k {
+            for b in a + 1..k {
+                prefix.push(vec![a, b]);
+                rec(network, net, k - 1, prefix, best);
+                prefix.pop();
+            }
+        }
+    }
+    let mut best = u128::MAX;
+    rec(&network, &net, net.sets.len(), &mut vec![], &mut best);
+    best
+}
+
+#[test]
+fn golden_values() {
+    let i = path("ij,jk,kl->il", &[vec![2, 2], vec![2, 5], vec![5, 2]], Optimize::Optimal);
+    assert_eq!(i.path, vec![vec![1, 2], vec![0, 1]]);
+    assert_eq!((i.naive_cost.as_str(), i.opt_cost.as_str()), ("120", "56"));
+    let s = vec![vec![10, 10], vec![10, 10], vec![10, 10, 10, 10], vec![10, 10], vec![10, 10]];
+    for o in [Optimize::Optimal, Optimize::Dp, Optimize::Greedy, Optimize::Auto] {
+        let i = path("ea,fb,abcd,gc,hd->efgh", &s, o);
+        assert_eq!((i.naive_cost.as_str(), i.opt_cost.as_str()), ("500000000", "800000"));
+        assert_eq!(i.largest_intermediate, "10000");
+    }
+}
+
+#[test]
+fn optimal_is_optimal() {
+    for seed in 0..40 {
+        let n = 3 + (seed as usize % 4);
+        let (eq, shapes) = random_network(seed, n, seed as usize % 3, seed as usize % 2);
+        let want = brute_force(&eq, &shapes);
+        let got = path(&eq, &shapes, Optimize::Optimal);
+        assert_eq!(got.opt_cost, want.to_string(), "{eq}");
+        let dp = path(&eq, &shapes, Optimize::Dp);
+        assert!(dp.opt_cost.parse::<u128>().unwrap() >= want);
+        let g = path(&eq, &shapes, Optimize::Greedy);
+        assert!(g.opt_cost.parse::<u128>().unwrap() >= want);
+    }
+}
+
+#[test]
+fn memory_limit_is_honoured() {
+    for seed in 0..20 {
+        let (eq, shapes) = random_network(100 + seed, 7, 4, 1);
+        for o in [Optimize::Optimal, Optimize::Greedy, Optimize::Auto] {
+            let free = path(&eq, &shapes, o.clone());
+            let lim: u128 = free.largest_intermediate.parse::<u128>().unwrap() / 2 + 1;
+            let mut op = opts(o);
+            op.memory_limit = MemoryLimit::Elements(lim);
+            let p = contract_path(&eq, &shapes, &op).unwrap();
+            let k = p.steps.len();
+            for (i, s) in p.steps.iter().enumerate() {
+                if i + 1 < k {
+                    assert!(
+                        s.size.parse::<u128>().unwrap() <= lim,
+                        "{eq} {:?} {} {lim}",
+                        p.path,
+                        p.optimizer
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn random_greedy_is_seeded_and_thread_independent() {
+    let (eq, shapes) = random_network(7, 40, 30, 2);
+    let rg = |seed| Optimize::RandomGreedy { trials: 16, first_trial: 0, seed, temperature: 1.0, nbranch: 8 };
+    crate::parallel::set_num_threads(1);
+    let a = path(&eq, &shapes, rg(3));
+    crate::parallel::set_num_threads(3);
+    let b = path(&eq, &shapes, rg(3));
+    crate::parallel::set_num_threads(0);
+    assert_eq!(a, b);
+    let g = path(&eq, &shapes, Optimize::Greedy);
+    assert!(a.opt_cost.parse::<f64>().unwrap() <= g.opt_cost.parse::<f64>().unwrap());
+}
+
+#[test]
+fn huge_costs_are_exact() {
+    // A 60-operand ring of bond 1000 with a dangling output per site: the result alone has
+    // 10^180 elements, beyond 128 bits, so the search must widen its integers.
+    let n = 60;
+    let mut terms = vec![];
+    let mut out = String::new();
+    for i in 0..n {
+        let (a, b, o) = (parse::symbol(i), parse::symbol((i + 1) % n), parse::symbol(n + i));
+        terms.push(format!("{a}{b}{o}"));
+        out.push(o);
+    }
+    let eq = format!("{}->{out}", terms.join(","));
+    let shapes = vec![vec![1000, 1000, 1000]; n];
+    let p = path(&eq, &shapes, Optimize::Greedy);
+    assert!(p.naive_cost.len() > 300);
+    assert!(p.largest_intermediate.starts_with("1000000") && p.largest_intermediate.len() == 181);
+}
+
+#[test]
+fn errors() {
+    let bad = |eq: &str, shapes: &[Vec<usize>], o: PathOptions| {
+        contract_path(eq, shapes, &o).unwrap_err().to_string()
+    };
+    assert!(bad("ij,jk", &[vec![2, 3]], opts(Optimize::Auto)).contains("operands"));
+    assert!(bad("ij,jk", &[vec![2, 3], vec![3, 2]], opts(Optimize::Path(vec![vec![0, 2]]))).contains("path"));
+    let mut o = opts(Optimize::Auto);
+    o.time_limit = Some(-1.0);
+    assert!(bad("ij,jk", &[vec![2, 3], vec![3, 2]], o).contains("time_limit"));
+    let mut o = opts(Optimize::Auto);
+    o.memory_limit = MemoryLimit::Elements(0);
+    assert!(bad("ij,jk", &[vec![2, 3], vec![3, 2]], o).contains("memory_limit"));
+    let many = vec![vec![2, 2]; 21];
+    let eq: String = (0..21)
+        .map(|i| format!("{}{}", parse::symbol(i), parse::symbol(i + 1)))
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(bad(&eq, &many, opts(Optimize::Optimal)).contains("at most 20"));
+}
+
+#[test]
+fn time_limit_falls_back_to_greedy() {
+    let (eq, shapes) = random_network(11, 18, 20, 0);
+    let mut o = opts(Optimize::Optimal);
+    o.time_limit = Some(0.0);
+    let p = contract_path(&eq, &shapes, &o).unwrap();
+    assert!(p.optimizer.starts_with("greedy"));
+}
