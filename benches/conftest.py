@@ -31,6 +31,9 @@ from spruce._measure import PeakMeter, nbytes, peak_extra
 
 
 def pytest_collect_file(parent: pytest.Collector, file_path: Any) -> pytest.Module | None:
+    # A file named on the command line is collected by pytest itself: do not collect it twice.
+    if parent.session.isinitpath(file_path):
+        return None
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
         return pytest.Module.from_parent(parent, path=file_path)
     return None

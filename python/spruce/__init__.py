@@ -7,7 +7,9 @@ differentiable. Pure-PyTorch oracles of every op are in :mod:`spruce.reference`.
 
 from __future__ import annotations
 
-from . import _core
+# The capabilities are subpackages (``spruce.prune``, ``spruce.merge`` ...); the most used
+# structured-matrix and tensor-network functions are also top-level names.
+from . import _core, compress, distill, graph, merge, nn, prune, structured, tn
 from .errors import (
     ArgumentError,
     CheckpointError,
@@ -33,6 +35,26 @@ from .masks import (
     structured_mask,
     topk_mask,
     unpack_mask,
+)
+from .structured import (
+    boft_rotate,
+    butterfly_multiply,
+    fastfood,
+    fwht,
+    kron_matmul,
+    kron_sum_matmul,
+    monarch_multiply,
+    monarch_project,
+)
+from .tn import (
+    contract_expression,
+    contract_path,
+    einsum,
+    mpo_decompose,
+    tt_round,
+    tt_svd,
+    tt_to_tensor,
+    tucker,
 )
 
 __version__: str = _core.__version__
@@ -66,6 +88,33 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "OutOfMemoryError",
+    # structured matrices
+    "butterfly_multiply",
+    "monarch_multiply",
+    "monarch_project",
+    "kron_matmul",
+    "kron_sum_matmul",
+    "boft_rotate",
+    "fwht",
+    "fastfood",
+    # tensor networks
+    "contract_path",
+    "einsum",
+    "contract_expression",
+    "tt_svd",
+    "tt_to_tensor",
+    "tt_round",
+    "mpo_decompose",
+    "tucker",
+    # capabilities
+    "compress",
+    "prune",
+    "merge",
+    "structured",
+    "nn",
+    "tn",
+    "graph",
+    "distill",
 ]
 
 

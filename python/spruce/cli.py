@@ -18,7 +18,12 @@ from .errors import SpruceError
 
 # Modules that contribute subcommands: each defines register(subparsers) which adds parsers whose
 # `func` default takes the parsed namespace and returns an exit code.
-_SUBCOMMAND_MODULES: list[str] = []
+_SUBCOMMAND_MODULES: list[str] = [
+    "spruce.prune.cli",
+    "spruce.merge.cli",
+    "spruce.tn.cli",
+    "spruce.distill.cli",
+]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -19,7 +19,14 @@ import torch
 from ._measure import best_time, fmt_bytes, fmt_time, peak_extra
 
 #: Modules providing ``demo_rows(quick)``, in tour order.
-TOUR: list[str] = ["spruce.demo"]
+TOUR: list[str] = [
+    "spruce.demo",
+    "spruce.prune._demo",
+    "spruce.merge._demo",
+    "spruce.structured._demo",
+    "spruce.tn._demo",
+    "spruce.distill._demo",
+]
 
 
 @dataclass
@@ -49,11 +56,11 @@ def measure(
     *,
     repeat: int = 3,
 ) -> DemoRow:
-    """Times both sides, measures their peak extra memory, and checks spruce's result."""
-    got, mem_s = peak_extra(run_spruce)
-    want, mem_b = peak_extra(run_baseline)
-    ok, detail = check(got, want)
-    del got, want
+    """Checks spruce's result, then measures both sides' peak extra memory (after that first,
+    warming call, so one-time set-up such as the thread pool does not count) and times them."""
+    ok, detail = check(run_spruce(), run_baseline())
+    _, mem_s = peak_extra(run_spruce)
+    _, mem_b = peak_extra(run_baseline)
     t_s = best_time(run_spruce, repeat=repeat, warmup=0)
     t_b = best_time(run_baseline, repeat=max(1, repeat - 1), warmup=0)
     return DemoRow(capability, task, baseline, t_s, t_b, mem_s, mem_b, detail, ok)
