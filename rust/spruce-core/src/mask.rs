@@ -29,9 +29,42 @@ fn nm_groups<T: Float, V: PartialOrd + Copy + Default, const M: usize>(
     out: &mut [bool],
     conv: impl Fn(T) -> V,
 ) -> bool {
-    let mut vals = [V::default(); M];
+    // Batches of G groups, transposed so that every comparison runs across G groups at once
+    // (vectorizable); the leftover groups one by one.
+    const G: usize = 16;
     let mut nan = false;
-    for (g, o) in row.chunks_exact(M).zip(out.chunks_exact_mut(M)) {
+    let mut batches = row.chunks_exact(M * G);
+    let mut obatches = out.chunks_exact_mut(M * G);
+    for (b, ob) in (&mut batches).zip(&mut obatches) {
+        let mut v = [[V::default(); G]; M];
+        for g in 0..G {
+            for k in 0..M {
+                let x = b[g * M + k];
+                nan |= x.is_nan();
+                v[k][g] = conv(x);
+            }
+        }
+        let mut rank = [[0u8; G]; M];
+        for i in 0..M {
+            for j in 0..M {
+                if j == i {
+                    continue;
+                }
+                let (vi, vj) = (&v[i], &v[j]);
+                let before = j < i;
+                for g in 0..G {
+                    rank[i][g] += ((vj[g] < vi[g]) | ((vj[g] == vi[g]) & before)) as u8;
+                }
+            }
+        }
+        for g in 0..G {
+            for k in 0..M {
+                ob[g * M + k] = rank[k][g] as usize >= drop;
+            }
+        }
+    }
+    let mut vals = [V::default(); M];
+    for (g, o) in batches.remainder().chunks_exact(M).zip(obatches.into_remainder().chunks_exact_mut(M)) {
         for (v, &x) in vals.iter_mut().zip(g) {
             nan |= x.is_nan();
             *v = conv(x);
@@ -427,6 +460,36 @@ pub fn mask_to_csr<T: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nm_batched_equals_group_by_group() {
+        // few distinct values (many ties), lengths with and without leftover groups
+        let mut state = 12345u64;
+        for m in [2usize, 4, 8, 16] {
+            for groups in [1usize, 15, 16, 17, 40] {
+                let row: Vec<f32> = (0..m * groups)
+                    .map(|_| {
+                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        ((state >> 60) as f32) - 8.0
+                    })
+                    .collect();
+                for drop in 0..=m {
+                    let mut got = vec![false; row.len()];
+                    match m {
+                        2 => nm_row::<f32, 2>(&row, drop, &mut got),
+                        4 => nm_row::<f32, 4>(&row, drop, &mut got),
+                        8 => nm_row::<f32, 8>(&row, drop, &mut got),
+                        _ => nm_row::<f32, 16>(&row, drop, &mut got),
+                    };
+                    let mut want = vec![false; row.len()];
+                    for (g, o) in row.chunks_exact(m).zip(want.chunks_exact_mut(m)) {
+                        nm_group(g, drop, o);
+                    }
+                    assert_eq!(got, want, "m {m} groups {groups} drop {drop}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn two_four_keeps_two_largest_and_breaks_ties_upward() {
