@@ -11,6 +11,7 @@ rotation): the weights come back up to float rounding.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from ..structured import (
 )
 
 
-class _Adapter(nn.Module):
+class _Adapter(nn.Module, ABC):
     side = "input"
 
     def __init__(self, base: nn.Linear, freeze_base: bool) -> None:
@@ -57,8 +58,9 @@ class _Adapter(nn.Module):
             return self.base(x)
         return self.adapted(x)
 
+    @abstractmethod
     def adapted(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The unmerged forward: base layer plus adapter."""
 
     def parameter_count(self) -> int:
         """Trainable parameters of the adapter (the base layer excluded)."""
@@ -79,9 +81,9 @@ class _Adapter(nn.Module):
 class _Additive(_Adapter):
     """Adapters with ``y = base(x) + x @ delta.T``."""
 
+    @abstractmethod
     def delta_weight(self) -> Tensor:
         """The dense ``(out, in)`` delta (formed only on request, e.g. for merging)."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -217,8 +219,9 @@ class Compacter(_Additive):
 class _Rotation(_Adapter):
     """Adapters whose delta is an orthogonal (butterfly) rotation of the weight."""
 
+    @abstractmethod
     def blocks(self) -> Tensor:
-        raise NotImplementedError
+        """The orthogonal blocks of every butterfly factor."""
 
     def _scale(self) -> Tensor | None:
         return None
