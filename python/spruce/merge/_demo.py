@@ -38,7 +38,13 @@ def _ties_row(quick: bool) -> DemoRow:
         "stacked torch (mergekit-style)",
         lambda: merge_tensors("ties", base, fts, weights=weights, density=0.2, preset="mergekit"),
         lambda: ref.ties_stacked(base, fts, weights, 0.2, convention="mergekit"),
-        lambda got, want: _close(got, want, "mergekit-style torch"),
+        # torch.topk breaks ties among equal magnitudes arbitrarily (large inputs have some):
+        # the check is against the plain reference with spruce's exact tie rule.
+        lambda got, _: _close(
+            got,
+            ref.merge("ties", base, fts, weights=weights, density=0.2, preset="mergekit"),
+            "the reference (exact tie rule)",
+        ),
         repeat=2 if quick else 1,
     )
 
@@ -87,9 +93,19 @@ def demo_rows(quick: bool) -> list[DemoRow]:
         def check(got: dict, want: dict) -> tuple[bool, str]:
             if set(got) != set(want):
                 return False, "DIFFERS: tensor names"
-            worst = [_close(got[n], want[n], "load-everything torch") for n in want]
+            b = load_file(str(root / "base.safetensors"))
+            ms = [load_file(str(p)) for p in paths]
+            what = "the per-tensor reference"
+            worst = [
+                _close(
+                    got[n],
+                    ref.merge("ties", b[n], [m[n] for m in ms], density=0.3, preset="mergekit"),
+                    what,
+                )
+                for n in want
+            ]
             bad = [w for w in worst if not w[0]]
-            return (not bad), (bad[0][1] if bad else "every tensor matches load-everything torch")
+            return (not bad), (bad[0][1] if bad else f"every tensor matches {what}")
 
         total = len(names) * dim * dim
         out.append(
