@@ -223,6 +223,24 @@ def test_kron_matmul_matches_torch_kron(dims):
     )
 
 
+def test_kron_matmul_row_blocks(monkeypatch):
+    """The forward runs in blocks of rows: a ragged last block and empty inputs agree too."""
+    monkeypatch.setattr(spruce._ops, "_KRON_BLOCK", 64)  # 3 rows per block for width 20
+    fs = [_randn(4, 5, seed=1), _randn(3, 4, seed=2)]
+    for rows in (0, 1, 3, 7, 10):
+        x = _randn(rows, 20, seed=rows)
+        torch.testing.assert_close(st.kron_matmul(fs, x), ref.kron_matmul(fs, x))
+        xg = x.clone().requires_grad_()
+        fg = [f.clone().requires_grad_() for f in fs]
+        st.kron_matmul(fg, xg).sum().backward()
+        xr = x.clone().requires_grad_()
+        fr = [f.clone().requires_grad_() for f in fs]
+        ref.kron_matmul(fr, xr).sum().backward()
+        torch.testing.assert_close(xg.grad, xr.grad)
+        for a, b in zip(fg, fr, strict=True):
+            torch.testing.assert_close(a.grad, b.grad)
+
+
 def test_kron_matmul_vec_trick_identity():
     a, b = _randn(3, 4, seed=1), _randn(5, 2, seed=2)
     xm = _randn(4, 2, seed=3)  # X of shape (n1, n2)
