@@ -3,15 +3,18 @@
 //! Each loss takes `(N, C)` logits and returns its value with, on request, the gradient with
 //! respect to the student logits, computed in the same pass. Edge losses gather the rows of
 //! each edge inside the kernel: nothing of size `E x C` is ever allocated (the extra memory is
-//! `O(N x C)` for per-node softmaxes and `O(E)` for grouping the edges by endpoint).
+//! `O(N x C)` for per-node softmaxes and gradient accumulators, `O(E)` for grouping the edges
+//! by endpoint, and for the HFD gradient a bounded chunk of per-edge rows, see
+//! [`HFD_CHUNK_BYTES`]). The edge loops prefetch the rows of the edges ahead and run compiled
+//! for AVX2 where the CPU has it (the same operations, so the same results).
 //!
 //! Determinism: every per-node value is accumulated by one thread in a fixed order, and loss
-//! totals are summed in f64 over fixed blocks of nodes, so results do not depend on the thread
-//! count.
+//! totals are summed in f64 over fixed blocks of nodes or edges, so results do not depend on
+//! the thread count.
 
 use crate::error::{Error, Result};
 use crate::graph::{check_edge_index, group_by, try_filled, Elem, Real, ROW_CHUNK};
-use crate::parallel::{install, SyncPtr};
+use crate::parallel::{install, simd, Simd, SyncPtr};
 use crate::{rng, Float};
 use rayon::prelude::*;
 
@@ -80,16 +83,11 @@ fn check_pair(
 /// Writes `log softmax(scale * z)` into `out`.
 #[inline]
 fn log_softmax<T: Elem>(z: &[T], scale: T::A, out: &mut [T::A]) {
-    let mut m = T::A::of(f64::NEG_INFINITY);
     for (o, &v) in out.iter_mut().zip(z) {
-        let a = v.up() * scale;
-        *o = a;
-        m = m.max_nan(a);
+        *o = v.up() * scale;
     }
-    let mut s = T::A::ZERO;
-    for &o in out.iter() {
-        s += (o - m).exp();
-    }
+    let m = lane_max(out);
+    let s = lane_sum2(out, out, |a, _| (a - m).exp());
     let lse = m + s.ln();
     for o in out.iter_mut() {
         *o -= lse;
@@ -224,6 +222,58 @@ pub fn ce_loss<T: Elem>(
     Ok((vec![total / count as f64], grad))
 }
 
+/// What one block of LFD rows reads: per node `log q_s`, `p_t` and the teacher's negative
+/// entropy, and the out-edges by source.
+struct Lfd<'a, T: Elem> {
+    lq: &'a [T::A],
+    pt: &'a [T::A],
+    negh: &'a [T::A],
+    ptr: &'a [usize],
+    nbr: &'a [i64],
+    c: usize,
+    inv: T::A,
+    grad: Option<SyncPtr<T>>,
+}
+
+impl<T: Elem> Simd for (&Lfd<'_, T>, usize, usize) {
+    type Out = f64;
+    /// The loss of the out-edges (and self-loop) of rows `lo..lo + len`, and their gradient rows.
+    #[inline(always)]
+    fn run(self) -> f64 {
+        let (k, lo, len) = self;
+        let c = k.c;
+        let mut acc = 0.0f64;
+        let mut gsum = vec![T::A::ZERO; c];
+        for i in lo..lo + len {
+            let qi = row(k.lq, i, c);
+            let nb = &k.nbr[k.ptr[i]..k.ptr[i + 1]];
+            let mut li = T::A::ZERO;
+            gsum.fill(T::A::ZERO);
+            for (slot, &j) in (k.ptr[i]..).zip(nb.iter().chain(std::iter::once(&(i as i64)))) {
+                if let Some(&f) = k.nbr.get(slot + AHEAD) {
+                    prefetch_row(k.pt, f as usize, c);
+                }
+                let j = j as usize;
+                let pj = row(k.pt, j, c);
+                for (g, &p) in gsum.iter_mut().zip(pj) {
+                    *g += p;
+                }
+                li += k.negh[j] - lane_sum2(pj, qi, |p, q| p * q);
+            }
+            acc += li.f64();
+            if let Some(pg) = k.grad {
+                let cnt = T::A::of((nb.len() + 1) as f64);
+                // SAFETY: row i belongs to this block alone.
+                let g = unsafe { row_mut(pg, i, c) };
+                for ((o, &q), &p) in g.iter_mut().zip(qi).zip(gsum.iter()) {
+                    *o = T::down((cnt * q.exp() - p) * k.inv);
+                }
+            }
+        }
+        acc
+    }
+}
+
 /// FF-G2M's low-frequency distillation: the mean over the edges `(i, j)` of `edge_index`
 /// plus one self-loop per node of `KL(softmax(t[j]) || softmax(s[i]))` (`i` = source).
 ///
@@ -265,41 +315,65 @@ pub fn lfd_loss<T: Elem>(
             })
     });
     let total_edges = (e + n).max(1);
-    let inv = T::A::of(1.0 / total_edges as f64);
     let mut grad: Vec<T> = if want_grad { try_filled(OP, n * c, T::from_f64(0.0))? } else { vec![] };
-    let pg = SyncPtr(grad.as_mut_ptr());
-    let (lq, pt, negh) = (&lq, &pt, &negh);
-    let total = blocks(n, |lo, len| {
-        let mut acc = 0.0f64;
-        let mut gsum = vec![T::A::ZERO; c];
-        for i in lo..lo + len {
-            let qi = &lq[i * c..i * c + c];
-            let nb = &nbr[ptr[i]..ptr[i + 1]];
-            let mut li = T::A::ZERO;
-            gsum.fill(T::A::ZERO);
-            for &j in nb.iter().chain(std::iter::once(&(i as i64))) {
-                let j = j as usize;
-                let pj = &pt[j * c..j * c + c];
-                let mut dot = T::A::ZERO;
-                for ((g, &p), &q) in gsum.iter_mut().zip(pj).zip(qi) {
-                    dot += p * q;
-                    *g += p;
-                }
-                li += negh[j] - dot;
-            }
-            acc += li.f64();
-            if want_grad {
-                let cnt = T::A::of((nb.len() + 1) as f64);
-                // SAFETY: row i belongs to this block alone.
-                let g = unsafe { row_mut(pg, i, c) };
-                for ((o, &q), &p) in g.iter_mut().zip(qi).zip(gsum.iter()) {
-                    *o = T::down((cnt * q.exp() - p) * inv);
-                }
+    let ctx = Lfd {
+        lq: &lq,
+        pt: &pt,
+        negh: &negh,
+        ptr: &ptr,
+        nbr: &nbr,
+        c,
+        inv: T::A::of(1.0 / total_edges as f64),
+        grad: want_grad.then_some(SyncPtr(grad.as_mut_ptr())),
+    };
+    let total = blocks(n, |lo, len| simd((&ctx, lo, len)));
+    Ok((vec![total / total_edges as f64], grad))
+}
+
+/// Lanes of the explicit reductions below: sums and maxima kept in `LANES` independent
+/// accumulators (combined in a fixed order at the end) vectorize, where one running sum cannot
+/// (float addition is not reassociated by the compiler).
+const LANES: usize = 8;
+
+/// The maximum of `x` (NaN entries are skipped: they still reach the result through the sums).
+#[inline(always)]
+fn lane_max<A: Real>(x: &[A]) -> A {
+    let mut m = [A::of(f64::NEG_INFINITY); LANES];
+    let mut ch = x.chunks_exact(LANES);
+    for c in &mut ch {
+        for l in 0..LANES {
+            if c[l] > m[l] {
+                m[l] = c[l];
             }
         }
-        acc
-    });
-    Ok((vec![total / total_edges as f64], grad))
+    }
+    let mut r = A::of(f64::NEG_INFINITY);
+    for &v in m.iter().chain(ch.remainder()) {
+        if v > r {
+            r = v;
+        }
+    }
+    r
+}
+
+/// `sum_k f(x[k], y[k])` in `LANES` accumulators, combined in a fixed order.
+#[inline(always)]
+fn lane_sum2<A: Real>(x: &[A], y: &[A], f: impl Fn(A, A) -> A) -> A {
+    let mut acc = [A::ZERO; LANES];
+    let (mut cx, mut cy) = (x.chunks_exact(LANES), y[..x.len()].chunks_exact(LANES));
+    for (a, b) in (&mut cx).zip(&mut cy) {
+        for l in 0..LANES {
+            acc[l] += f(a[l], b[l]);
+        }
+    }
+    let mut r = A::ZERO;
+    for v in acc {
+        r += v;
+    }
+    for (&a, &b) in cx.remainder().iter().zip(cy.remainder()) {
+        r += f(a, b);
+    }
+    r
 }
 
 /// Scratch rows of one HFD edge evaluation.
@@ -317,8 +391,10 @@ impl<T: Elem> HfdScratch<T> {
     }
 
     /// KL(softmax(|t_i - t_j| / tau) || softmax(|s_i - s_j| / tau)) of one edge; with `g`,
-    /// adds `sign * (Q - P) * sgn(s_i - s_j) * scale` to it.
-    #[inline]
+    /// writes its gradient with respect to `s_i` times `scale` there, `(Q - P) sgn(s_i - s_j)
+    /// scale` (the gradient with respect to `s_j` is its negative). Every loop is elementwise or
+    /// a lane reduction, so the whole evaluation vectorizes.
+    #[inline(always)]
     fn edge(
         &mut self,
         si: &[T],
@@ -328,44 +404,176 @@ impl<T: Elem> HfdScratch<T> {
         inv_tau: T::A,
         g: Option<(&mut [T::A], T::A)>,
     ) -> T::A {
-        let neg_inf = T::A::of(f64::NEG_INFINITY);
-        let (mut ma, mut mb) = (neg_inf, neg_inf);
-        for k in 0..si.len() {
-            let a = (ti[k].up() - tj[k].up()).abs() * inv_tau;
-            let b = (si[k].up() - sj[k].up()).abs() * inv_tau;
-            self.da[k] = a;
-            self.db[k] = b;
-            ma = ma.max_nan(a);
-            mb = mb.max_nan(b);
+        let c = si.len();
+        let (da, db) = (&mut self.da[..c], &mut self.db[..c]);
+        let (ea, eb) = (&mut self.ea[..c], &mut self.eb[..c]);
+        for ((((a, b), (&x, &y)), &u), &v) in
+            da.iter_mut().zip(db.iter_mut()).zip(ti.iter().zip(&tj[..c])).zip(si).zip(&sj[..c])
+        {
+            *a = (x.up() - y.up()).abs() * inv_tau;
+            *b = (u.up() - v.up()).abs() * inv_tau;
         }
-        let (mut sa, mut sb) = (T::A::ZERO, T::A::ZERO);
-        for k in 0..si.len() {
-            let x = (self.da[k] - ma).exp();
-            let y = (self.db[k] - mb).exp();
-            self.ea[k] = x;
-            self.eb[k] = y;
-            sa += x;
-            sb += y;
+        let (ma, mb) = (lane_max(da), lane_max(db));
+        for (((x, y), &a), &b) in ea.iter_mut().zip(eb.iter_mut()).zip(da.iter()).zip(db.iter()) {
+            *x = (a - ma).exp();
+            *y = (b - mb).exp();
         }
+        let sa = lane_sum2(ea, ea, |x, _| x);
+        let sb = lane_sum2(eb, eb, |x, _| x);
+        // sum_k ea_k (da_k - db_k), as two lane sums over the same pairs
+        let cross = lane_sum2(ea, da, |x, a| x * a) - lane_sum2(ea, db, |x, b| x * b);
         let (ia, ib) = (T::A::ONE / sa, T::A::ONE / sb);
-        let mut cross = T::A::ZERO;
-        for k in 0..si.len() {
-            cross += self.ea[k] * (self.da[k] - self.db[k]);
-        }
         let kl = cross * ia - (ma + sa.ln()) + (mb + sb.ln());
         if let Some((g, scale)) = g {
-            for k in 0..si.len() {
-                let d = (si[k].up() - sj[k].up()).sign();
-                g[k] += (self.eb[k] * ib - self.ea[k] * ia) * d * scale;
+            for ((((o, &x), &y), &u), &v) in
+                g[..c].iter_mut().zip(ea.iter()).zip(eb.iter()).zip(si).zip(&sj[..c])
+            {
+                *o = (y * ib - x * ia) * (u.up() - v.up()).sign() * scale;
             }
         }
         kl
     }
 }
 
+/// The HFD edges without self-loops, numbered by source (in input order within a source), with
+/// the same edges listed by target, and the inputs every pass reads.
+struct Hfd<'a, T: Elem> {
+    s: &'a [T],
+    t: &'a [T],
+    c: usize,
+    /// Edges `optr[i]..optr[i + 1]` leave node `i`; `dst[e]` is the target of edge `e`.
+    optr: &'a [usize],
+    dst: &'a [usize],
+    /// Edges `iptr[j]..iptr[j + 1]` of `inc` enter node `j`, ascending.
+    iptr: &'a [usize],
+    inc: &'a [usize],
+    inv_tau: T::A,
+    scale: T::A,
+}
+
+/// The gradient pass takes the edges in chunks and keeps their per-edge gradient rows (each
+/// edge's row is computed once and added to both endpoints): at most this many bytes, and at
+/// most an eighth of an `E x C` tensor, so the pass stays far below the memory of one.
+const HFD_CHUNK_BYTES: usize = 8 << 20;
+/// Edges per parallel work item of the per-edge passes.
+const EDGE_BLOCK: usize = 512;
+
+/// The loss of the out-edges of rows `lo..lo + len` (no gradient).
+impl<T: Elem> Simd for (&Hfd<'_, T>, usize, usize) {
+    type Out = f64;
+    #[inline(always)]
+    fn run(self) -> f64 {
+        let (k, lo, len) = self;
+        let (s, t, c) = (k.s, k.t, k.c);
+        let mut sc = HfdScratch::<T>::new(c);
+        let mut acc = 0.0f64;
+        for i in lo..lo + len {
+            for (slot, &j) in (k.optr[i]..).zip(&k.dst[k.optr[i]..k.optr[i + 1]]) {
+                if let Some(&f) = k.dst.get(slot + AHEAD) {
+                    prefetch_row(s, f, c);
+                    prefetch_row(t, f, c);
+                }
+                acc += sc.edge(row(s, i, c), row(s, j, c), row(t, i, c), row(t, j, c), k.inv_tau, None).f64();
+            }
+        }
+        acc
+    }
+}
+
+/// Edges `lo..lo + len`: the loss, and every edge's gradient row into `rows` (edge `e` at row
+/// `e - first`).
+struct HfdEdges<'a, 'b, T: Elem> {
+    k: &'a Hfd<'b, T>,
+    lo: usize,
+    len: usize,
+    first: usize,
+    rows: SyncPtr<T::A>,
+}
+
+impl<T: Elem> Simd for HfdEdges<'_, '_, T> {
+    type Out = f64;
+    #[inline(always)]
+    fn run(self) -> f64 {
+        let k = self.k;
+        let (s, t, c) = (k.s, k.t, k.c);
+        let mut sc = HfdScratch::<T>::new(c);
+        let mut acc = 0.0f64;
+        // the source of edge lo, then advanced along the edges (they are numbered by source)
+        let mut i = k.optr.partition_point(|&p| p <= self.lo) - 1;
+        for e in self.lo..self.lo + self.len {
+            if let Some(&f) = k.dst.get(e + AHEAD) {
+                prefetch_row(s, f, c);
+                prefetch_row(t, f, c);
+            }
+            while k.optr[i + 1] <= e {
+                i += 1;
+            }
+            let j = k.dst[e];
+            // SAFETY: row e - first belongs to this block of edges alone.
+            let g = unsafe { row_mut(self.rows, e - self.first, c) };
+            let kl = sc.edge(
+                row(s, i, c),
+                row(s, j, c),
+                row(t, i, c),
+                row(t, j, c),
+                k.inv_tau,
+                Some((g, k.scale)),
+            );
+            acc += kl.f64();
+        }
+        acc
+    }
+}
+
+/// Nodes `lo..lo + len`: adds the gradient rows of the chunk's edges `first..last` to each
+/// node's accumulator, out-edges (+) then in-edges (-), in edge order.
+struct HfdScatter<'a, 'b, T: Elem> {
+    k: &'a Hfd<'b, T>,
+    lo: usize,
+    len: usize,
+    first: usize,
+    last: usize,
+    rows: &'a [T::A],
+    acc: SyncPtr<T::A>,
+    /// Per node, the first entry of its in-edges not yet added (they arrive in edge order).
+    cursor: SyncPtr<usize>,
+}
+
+impl<T: Elem> Simd for HfdScatter<'_, '_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let (k, c) = (self.k, self.k.c);
+        for i in self.lo..self.lo + self.len {
+            // SAFETY: row i belongs to this block of nodes alone.
+            let a = unsafe { row_mut(self.acc, i, c) };
+            let (o0, o1) = (k.optr[i].max(self.first), k.optr[i + 1].min(self.last));
+            for e in o0..o1.max(o0) {
+                for (x, &d) in a.iter_mut().zip(row(self.rows, e - self.first, c)) {
+                    *x += d;
+                }
+            }
+            // SAFETY: entry i belongs to this block of nodes alone.
+            let mut p = unsafe { *self.cursor.0.add(i) };
+            while p < k.iptr[i + 1] && k.inc[p] < self.last {
+                for (x, &d) in a.iter_mut().zip(row(self.rows, k.inc[p] - self.first, c)) {
+                    *x -= d;
+                }
+                p += 1;
+            }
+            // SAFETY: as above.
+            unsafe { self.cursor.write(i, p) };
+        }
+    }
+}
+
 /// FF-G2M's high-frequency distillation: the mean over the edges `(i, j)` of `edge_index` with
 /// `i != j` of `KL(softmax(|t[i] - t[j]| / tau) || softmax(|s[i] - s[j]| / tau))`; 0 when no
 /// such edge exists. The gradient of `|x|` at 0 is taken as 0 (as torch's).
+///
+/// With the gradient, each edge is evaluated once: the edges are taken in fixed chunks whose
+/// per-edge gradient rows (see [`HFD_CHUNK_BYTES`]) are then added to both endpoints, each
+/// node's rows in edge order, so the result does not depend on the thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn hfd_loss<T: Elem>(
     s: &[T],
@@ -383,57 +591,95 @@ pub fn hfd_loss<T: Elem>(
         return Err(Error::arg(OP, "tau", tau, "a finite number > 0"));
     }
     let e = check_edge_index(OP, edge_index, ei_shape, n)?;
-    let (src, dst) = edge_index.split_at(e);
-    let count = src.iter().zip(dst).filter(|(a, b)| a != b).count();
+    let (src_in, dst_in) = edge_index.split_at(e);
     let mut grad: Vec<T> = if want_grad { try_filled(OP, n * c, T::from_f64(0.0))? } else { vec![] };
+    // the edges without self-loops, by source
+    let mut optr: Vec<usize> = try_filled(OP, n + 1, 0)?;
+    for (&a, &b) in src_in.iter().zip(dst_in) {
+        if a != b {
+            optr[a as usize + 1] += 1;
+        }
+    }
+    for i in 0..n {
+        optr[i + 1] += optr[i];
+    }
+    let count = optr[n];
     if count == 0 {
         return Ok((vec![0.0], grad));
     }
-    let (optr, onbr) = group_by(src, dst, n);
-    let (iptr, inbr) = if want_grad { group_by(dst, src, n) } else { (vec![0; n + 1], vec![]) };
-    let inv_tau = T::A::of(1.0 / tau);
-    let scale = T::A::of(1.0 / (tau * count as f64));
-    let pg = SyncPtr(grad.as_mut_ptr());
-    let total = blocks(n, |lo, len| {
-        let mut sc = HfdScratch::<T>::new(c);
-        let mut gacc = vec![T::A::ZERO; c];
-        let mut acc = 0.0f64;
-        for i in lo..lo + len {
-            gacc.fill(T::A::ZERO);
-            let mut li = T::A::ZERO;
-            for &j in &onbr[optr[i]..optr[i + 1]] {
-                let j = j as usize;
-                if j == i {
-                    continue;
-                }
-                let g = if want_grad { Some((gacc.as_mut_slice(), scale)) } else { None };
-                li += sc.edge(row(s, i, c), row(s, j, c), row(t, i, c), row(t, j, c), inv_tau, g);
-            }
-            acc += li.f64();
-            if want_grad {
-                // the edges (k -> i): node i is the second endpoint, the sign flips
-                for &k in &inbr[iptr[i]..iptr[i + 1]] {
-                    let k = k as usize;
-                    if k == i {
-                        continue;
-                    }
-                    sc.edge(
-                        row(s, k, c),
-                        row(s, i, c),
-                        row(t, k, c),
-                        row(t, i, c),
-                        inv_tau,
-                        Some((gacc.as_mut_slice(), -scale)),
-                    );
-                }
-                // SAFETY: row i belongs to this block alone.
-                let g = unsafe { row_mut(pg, i, c) };
-                for (o, &a) in g.iter_mut().zip(&gacc) {
-                    *o = T::down(a);
-                }
-            }
+    let mut dst: Vec<usize> = try_filled(OP, count, 0)?;
+    let mut pos = optr.clone();
+    for (&a, &b) in src_in.iter().zip(dst_in) {
+        if a != b {
+            dst[pos[a as usize]] = b as usize;
+            pos[a as usize] += 1;
         }
-        acc
+    }
+    let (mut iptr, mut inc) = (vec![], vec![]);
+    if want_grad {
+        iptr = try_filled(OP, n + 1, 0)?;
+        for &j in &dst {
+            iptr[j + 1] += 1;
+        }
+        for i in 0..n {
+            iptr[i + 1] += iptr[i];
+        }
+        inc = try_filled(OP, count, 0)?;
+        let mut pos = iptr.clone();
+        for (eid, &j) in dst.iter().enumerate() {
+            inc[pos[j]] = eid;
+            pos[j] += 1;
+        }
+    }
+    let k = Hfd {
+        s,
+        t,
+        c,
+        optr: &optr,
+        dst: &dst,
+        iptr: &iptr,
+        inc: &inc,
+        inv_tau: T::A::of(1.0 / tau),
+        scale: T::A::of(1.0 / (tau * count as f64)),
+    };
+    if !want_grad {
+        let total = blocks(n, |lo, len| simd((&k, lo, len)));
+        return Ok((vec![total / count as f64], grad));
+    }
+    let row_bytes = c * std::mem::size_of::<T::A>();
+    let chunk = (HFD_CHUNK_BYTES.min(count.saturating_mul(row_bytes) / 8) / row_bytes)
+        .clamp(EDGE_BLOCK, count.max(EDGE_BLOCK));
+    let mut rows: Vec<T::A> = try_filled(OP, chunk.min(count) * c, T::A::ZERO)?;
+    let mut acc: Vec<T::A> = try_filled(OP, n * c, T::A::ZERO)?;
+    let pacc = SyncPtr(acc.as_mut_ptr());
+    let mut cursor: Vec<usize> = try_filled(OP, n, 0)?;
+    cursor.copy_from_slice(&iptr[..n]);
+    let pcur = SyncPtr(cursor.as_mut_ptr());
+    let mut total = 0.0f64;
+    for first in (0..count).step_by(chunk) {
+        let last = (first + chunk).min(count);
+        let prows = SyncPtr(rows.as_mut_ptr());
+        let parts: Vec<f64> = install(|| {
+            (first..last)
+                .step_by(EDGE_BLOCK)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|lo| simd(HfdEdges { k: &k, lo, len: EDGE_BLOCK.min(last - lo), first, rows: prows }))
+                .collect()
+        });
+        total += parts.iter().sum::<f64>();
+        let rows = &rows;
+        blocks(n, |lo, len| {
+            simd(HfdScatter { k: &k, lo, len, first, last, rows, acc: pacc, cursor: pcur });
+            0.0
+        });
+    }
+    install(|| {
+        grad.par_chunks_mut(ROW_CHUNK * c).zip(acc.par_chunks(ROW_CHUNK * c)).for_each(|(g, a)| {
+            for (o, &v) in g.iter_mut().zip(a) {
+                *o = T::down(v);
+            }
+        })
     });
     Ok((vec![total / count as f64], grad))
 }
@@ -441,6 +687,27 @@ pub fn hfd_loss<T: Elem>(
 #[inline(always)]
 fn row<T>(x: &[T], i: usize, c: usize) -> &[T] {
     &x[i * c..i * c + c]
+}
+
+/// Edges ahead whose gathered rows are prefetched: the edge loops read rows at random nodes,
+/// and the hardware prefetcher cannot guess them.
+const AHEAD: usize = 4;
+
+/// Asks the CPU to bring row `i` of `x` into the cache (a hint: no effect on results; rows out
+/// of range are ignored).
+#[inline(always)]
+fn prefetch_row<T>(x: &[T], i: usize, c: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(r) = x.get(i * c..i * c + c) {
+        let bytes = std::mem::size_of_val(r);
+        let p = r.as_ptr() as *const i8;
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: the address lies inside `r`; a prefetch never faults or changes memory.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.add(off)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (x, i, c);
 }
 
 /// The Philox stream of [`krd_edge_sampling`].
@@ -612,6 +879,46 @@ mod tests {
         assert!(g.iter().all(|&v| v == 0.0));
         assert!(hfd_loss(&s, &sh, &t, &sh, &ei, &es, 0.0, false).is_err());
         assert!(lfd_loss(&s, &sh, &t, &sh, &[0, 5], &[2, 1], false).is_err());
+    }
+
+    #[test]
+    fn hfd_gradient_over_many_chunks() {
+        // c = 2048 in f64 gives chunks of 512 edges: 1300 edges span three, with ragged ends
+        let (n, c, e) = (40usize, 2048usize, 1300usize);
+        let (s, t) = (data(n, c, 8), data(n, c, 9));
+        let mut ei: Vec<i64> = (0..e).map(|k| (rng::word(2, 2, k as u64) % n as u32) as i64).collect();
+        ei.extend((0..e).map(|k| (rng::word(2, 3, k as u64) % n as u32) as i64));
+        let (sh, es, tau) = ([n, c], [2, e], 0.7);
+        let (loss, g) = hfd_loss(&s, &sh, &t, &sh, &ei, &es, tau, true).unwrap();
+        let m = (0..e).filter(|&k| ei[k] != ei[e + k]).count();
+        let softmax = |z: Vec<f64>| -> Vec<f64> {
+            let l = lsm(&z);
+            l.iter().map(|v| v.exp()).collect()
+        };
+        let (mut want, mut wg) = (0.0, vec![0.0; n * c]);
+        for k in 0..e {
+            let (i, j) = (ei[k] as usize, ei[e + k] as usize);
+            if i == j {
+                continue;
+            }
+            let (si, sj) = (&s[i * c..i * c + c], &s[j * c..j * c + c]);
+            let (ti, tj) = (&t[i * c..i * c + c], &t[j * c..j * c + c]);
+            let a: Vec<f64> = ti.iter().zip(tj).map(|(x, y)| (x - y).abs() / tau).collect();
+            let b: Vec<f64> = si.iter().zip(sj).map(|(x, y)| (x - y).abs() / tau).collect();
+            want += kl(&a, &b);
+            let (p, q) = (softmax(a), softmax(b));
+            for r in 0..c {
+                let d = (q[r] - p[r]) * (si[r] - sj[r]).signum() / (tau * m as f64);
+                wg[i * c + r] += d;
+                wg[j * c + r] -= d;
+            }
+        }
+        assert!((loss[0] - want / m as f64).abs() < 1e-12);
+        let (no_grad, _) = hfd_loss(&s, &sh, &t, &sh, &ei, &es, tau, false).unwrap();
+        assert!((no_grad[0] - loss[0]).abs() < 1e-12);
+        for (x, y) in g.iter().zip(&wg) {
+            assert!((x - y).abs() < 1e-12 * (1.0 + y.abs()), "{x} vs {y}");
+        }
     }
 
     #[test]

@@ -104,6 +104,46 @@ impl<T> SyncPtr<T> {
     }
 }
 
+/// Whether this CPU has AVX2 and FMA, for kernels that keep a copy compiled for them.
+#[inline]
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A kernel body that [`simd`] can compile for AVX2 and FMA. `run` must be
+/// `#[inline(always)]`, so that it is compiled inside the function with those features enabled
+/// (a closure would be called, not inlined, and keep the baseline instruction set).
+pub(crate) trait Simd {
+    type Out;
+    fn run(self) -> Self::Out;
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2<K: Simd>(k: K) -> K::Out {
+    k.run()
+}
+
+/// Runs `k` compiled for AVX2 and FMA where the CPU has them, so its loops vectorize 8 floats
+/// wide. The operations stay the same (no multiply-add is fused unless asked for), so results
+/// do not depend on the CPU.
+#[inline(always)]
+pub(crate) fn simd<K: Simd>(k: K) -> K::Out {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports the enabled features.
+        return unsafe { run_avx2(k) };
+    }
+    k.run()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

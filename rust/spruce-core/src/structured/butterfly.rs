@@ -488,18 +488,6 @@ unsafe fn fwd_tile_fma<T: Elem, const R: usize>(
     fwd_tile::<T, R, true>(ctx, x, y, rows, buf)
 }
 
-#[inline]
-fn has_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 fn fwd_tile_best<T: Elem, const R: usize>(
     ctx: &FwdCtx<'_, T>,
     x: &[T],
@@ -508,7 +496,7 @@ fn fwd_tile_best<T: Elem, const R: usize>(
     buf: &mut [[T::A; R]],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if has_fma() {
+    if crate::parallel::has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
         return unsafe { fwd_tile_fma::<T, R>(ctx, x, y, rows, buf) };
     }
@@ -702,7 +690,7 @@ fn back_tile_best<T: Elem, const R: usize>(
     dtw: &mut [[T::A; 4]],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if has_fma() {
+    if crate::parallel::has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
         return unsafe { back_tile_fma::<T, R>(ctx, x, gy, gx_out, rows, sc, dtw) };
     }
@@ -884,7 +872,7 @@ fn fwht_impl<T: Elem, const R: usize>(x: &[T], shape: &[usize], normalized: bool
         return Ok(y);
     }
     let scale = normalized.then(|| T::A::from_f64(1.0 / (n as f64).sqrt()));
-    let fma = has_fma();
+    let fma = crate::parallel::has_avx2_fma();
     install(|| {
         y.par_chunks_mut(R * n).enumerate().for_each_init(
             || vec![[T::A::ZERO; R]; n],
