@@ -5,7 +5,7 @@
 //! each edge inside the kernel: nothing of size `E x C` is ever allocated (the extra memory is
 //! `O(N x C)` for per-node softmaxes and gradient accumulators, `O(E)` for grouping the edges
 //! by endpoint, and for the HFD gradient a bounded chunk of per-edge rows, see
-//! [`HFD_CHUNK_BYTES`]). The edge loops prefetch the rows of the edges ahead and run compiled
+//! `HFD_CHUNK_BYTES`). The edge loops prefetch the rows of the edges ahead and run compiled
 //! for AVX2 where the CPU has it (the same operations, so the same results).
 //!
 //! Determinism: every per-node value is accumulated by one thread in a fixed order, and loss
