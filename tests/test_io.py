@@ -157,3 +157,111 @@ def test_malformed_checkpoints_raise_checkpoint_error(tmp_path):
 def test_checkpoint_error_is_a_value_error():
     assert issubclass(spruce.CheckpointError, ValueError)
     assert issubclass(spruce.ConfigError, ValueError)
+
+
+def _slot_state() -> dict[str, torch.Tensor]:
+    """Tensors of sizes that cross block boundaries in every way (tiny, empty, > 2 blocks)."""
+    g = torch.Generator().manual_seed(3)
+    return {
+        "a": torch.randn(3, generator=g),
+        "big": torch.randn(3001, 7, generator=g).bfloat16(),
+        "empty": torch.zeros(0, 4),
+        "h": torch.randn(1025, generator=g).half(),
+        "tail": torch.randn(999, generator=g, dtype=torch.float64),
+    }
+
+
+@pytest.mark.parametrize("order", ["file", "reversed", "mixed"])
+def test_slots_write_the_same_bytes_as_write(tmp_path, order):
+    """Slots committed in file order (direct I/O), out of order (buffered fallback) or mixed
+    with plain writes give the bytes `write` gives, in one file and in shards."""
+    sd = _slot_state()
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in sd.items()]
+    names = list(sd)
+    if order == "reversed":
+        names = names[::-1]
+    for out, shard in (("one.safetensors", 5 * 2**30), ("dir", 30_000)):
+        want = tmp_path / f"want-{out}"
+        save_state_dict(sd, want, max_shard_bytes=shard)
+        got = tmp_path / f"got-{out}"
+        with CheckpointWriter(got, specs, max_shard_bytes=shard) as w:
+            for i, n in enumerate(names):
+                if order == "mixed" and i % 2:
+                    w.write(n, sd[n])
+                else:
+                    w.slot(n).copy_(sd[n])
+                    w.commit(n)
+        files = sorted(p.name for p in want.iterdir()) if want.is_dir() else [""]
+        for f in files:
+            a, b = (want / f, got / f) if f else (want, got)
+            assert a.read_bytes() == b.read_bytes(), f
+        assert not any(p.name.startswith(".") for p in tmp_path.rglob("*"))
+
+
+def test_slot_misuse_and_background_errors_leave_nothing(tmp_path):
+    sd = _slot_state()
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in sd.items()]
+    with pytest.raises(spruce.CheckpointError, match="written twice"):
+        with CheckpointWriter(tmp_path / "o.safetensors", specs) as w:
+            w.slot("a").copy_(sd["a"])
+            w.commit("a")
+            w.slot("a")
+    with pytest.raises(spruce.CheckpointError, match="no slot was lent"):
+        with CheckpointWriter(tmp_path / "o.safetensors", specs) as w:
+            w.commit("a")
+    with pytest.raises(spruce.CheckpointError, match="third"):
+        with CheckpointWriter(tmp_path / "o.safetensors", specs) as w:
+            w.slot("a")
+            w.slot("big")
+            w.slot("h")
+
+
+def test_a_failed_background_write_raises_and_leaves_nothing(tmp_path, monkeypatch):
+    sd = _slot_state()
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in sd.items()]
+
+    def full(fd, data, pos):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spruce.io, "_pwrite_all", full)
+    with pytest.raises(OSError, match="No space"):
+        with CheckpointWriter(tmp_path / "o.safetensors", specs) as w:
+            for n, t in sd.items():
+                w.slot(n).copy_(t)
+                w.commit(n)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_system_refusing_direct_writes_falls_back_to_buffered(tmp_path, monkeypatch):
+    """Some file systems accept O_DIRECT at open and refuse the write (EINVAL): the same bytes
+    are then written buffered, and the output equals `write`'s."""
+    import errno
+
+    sd = _slot_state()
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in sd.items()]
+    direct = getattr(os, "O_DIRECT", 0)
+    assert direct, "spruce targets Linux, which has O_DIRECT"
+    opened: set[int] = set()
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def open_(path, flags, *args):
+        fd = real_open(path, flags & ~direct, *args)
+        if flags & direct:
+            opened.add(fd)
+        return fd
+
+    def pwrite(fd, data, pos):
+        if fd in opened:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, pos)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    want, got = tmp_path / "want.safetensors", tmp_path / "got.safetensors"
+    save_state_dict(sd, want)
+    with CheckpointWriter(got, specs) as w:
+        for n, t in sd.items():
+            w.slot(n).copy_(t)
+            w.commit(n)
+    assert opened, "the writer did not try direct I/O"
+    assert want.read_bytes() == got.read_bytes()

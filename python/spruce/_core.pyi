@@ -39,6 +39,7 @@ __all__ = [
     "ks_2samp",
     "kstwo_sf",
     "merge",
+    "merge_into",
     "merge_coefficients",
     "merge_model_cuts",
     "butterfly_multiply",
@@ -161,6 +162,18 @@ def merge(
     spec: dict[str, Any],
 ) -> _Floats:
     """Merges one tensor of several models in one fused pass (see ``spruce.merge.merge_tensors``)."""
+
+def merge_into(
+    out: _Floats,
+    base: _Floats | None,
+    models: list[_Floats],
+    fisher: list[_Floats],
+    masks: list[_Bools],
+    cuts: list[tuple[int, int]],
+    spec: dict[str, Any],
+) -> None:
+    """``merge`` written into ``out``: a writable contiguous array of the models' element type and
+    element count that shares no memory with the inputs."""
 
 def merge_coefficients(
     base: _Floats | None,

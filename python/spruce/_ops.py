@@ -503,6 +503,80 @@ def merge(
     return from_numpy(out, models[0].dtype)
 
 
+@torch.library.custom_op("spruce::merge_into", mutates_args=("out",))
+def merge_into(
+    out: Tensor,
+    base: Tensor | None,
+    models: Sequence[Tensor],
+    fisher: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    cuts: Sequence[int],
+    combine: str,
+    votes: str,
+    weighted: bool,
+    zero_positive: bool,
+    divisor: str,
+    normalize: bool,
+    sparsify: str,
+    gamma: float,
+    epsilon: float,
+    rank_rule: str,
+    rescale: str,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    scale: float,
+    t: float,
+    fisher_floor: float,
+    seed: int,
+) -> None:
+    """:func:`merge` written into ``out`` (the models' dtype and element count, contiguous, sharing no
+    memory with the inputs): streaming merges reuse one output buffer from tensor to tensor."""
+    from .errors import ArgumentError
+
+    if models and out.dtype != models[0].dtype:
+        raise DTypeError(
+            f"merge: out has dtype {str(out.dtype).replace('torch.', '')}, expected the models' "
+            f"dtype {str(models[0].dtype).replace('torch.', '')}"
+        )
+    if not out.is_contiguous():
+        raise ArgumentError("merge: out must be a contiguous tensor")
+    spec = _merge_spec(
+        combine, votes, weighted, zero_positive, divisor, normalize, sparsify, gamma, epsilon,
+        rank_rule, rescale, weights, densities, scale, t, fisher_floor, seed,
+    )  # fmt: skip
+    dst = to_numpy("merge", "out", out)
+    _merge_native(lambda *a: _core.merge_into(dst, *a), base, models, fisher, masks, cuts, spec)
+
+
+@merge_into.register_fake
+def _(
+    out: Tensor,
+    base: Tensor | None,
+    models: Sequence[Tensor],
+    fisher: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    cuts: Sequence[int],
+    combine: str,
+    votes: str,
+    weighted: bool,
+    zero_positive: bool,
+    divisor: str,
+    normalize: bool,
+    sparsify: str,
+    gamma: float,
+    epsilon: float,
+    rank_rule: str,
+    rescale: str,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    scale: float,
+    t: float,
+    fisher_floor: float,
+    seed: int,
+) -> None:
+    return None
+
+
 @merge.register_fake
 def _(
     base: Tensor | None,

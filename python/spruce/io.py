@@ -5,14 +5,23 @@ tensor backed by the page cache, so a whole model is never loaded at once. Writi
 header of every shard is laid out up front from the tensors' names, dtypes and shapes, then each
 tensor is written at its offset as it is produced, into temporary files that are renamed into
 place only when every tensor has been written. An error or interruption leaves no partial output.
+
+A producer that fills tensors in file order can write them without a copy and in the background:
+:meth:`CheckpointWriter.slot` lends a reusable buffer laid out like the tensor's place in its file,
+:meth:`CheckpointWriter.commit` hands it to a writer thread that appends it with direct I/O (whole
+blocks, bypassing the page cache) while the producer fills the next slot. Two slots exist, so at
+most two tensors are in flight.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +58,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _CODES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
+#: Alignment of direct I/O (file offsets, lengths and memory): the page size covers every block
+#: size Linux file systems use.
+_BLOCK = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)
@@ -302,6 +314,11 @@ class CheckpointWriter:
         self._files: list[Any] = []
         self._tmp: list[Path] = []
         self._open = False
+        self._streams: list[_Stream] = []
+        self._slots: list[_Slot] = []
+        self._lent: dict[str, _Slot] = {}
+        self._last: _Slot | None = None
+        self._turns = 0
 
     @property
     def shard_paths(self) -> list[Path]:
@@ -318,31 +335,96 @@ class CheckpointWriter:
             f = open(tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
             self._files.append(f)
             f.write(header)
+            f.flush()
+            self._streams.append(_Stream(tmp, f, header))
         self._open = True
         return self
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Writes one tensor at its place."""
+    def _check(self, name: str) -> tuple[int, int, TensorSpec]:
         if not self._open:
             raise CheckpointError("CheckpointWriter.write called outside its `with` block")
         if name not in self._place:
             raise CheckpointError(f"tensor {name!r} was not declared to the writer")
-        if name in self._written:
+        if name in self._written or name in self._lent:
             raise CheckpointError(f"tensor {name!r} written twice")
-        shard, offset, spec = self._place[name]
+        return self._place[name]
+
+    def slot(self, name: str) -> torch.Tensor:
+        """A buffer of tensor ``name``'s dtype and shape to fill, then :meth:`commit`.
+
+        The buffer is reused for later tensors once its content is written: fill it and commit it
+        before asking for the slot after next. Waits while both slots are being written.
+        """
+        shard, offset, spec = self._check(name)
+        if len(self._lent) >= 2:
+            raise CheckpointError("CheckpointWriter.slot: commit a lent slot before taking a third")
+        if not self._slots:
+            size = max((s.nbytes for _, _, s in self._place.values()), default=0)
+            self._slots = [_Slot(size + 2 * _BLOCK) for _ in range(2)]
+        # The free slot whose write was queued first (its write is the likelier to be done).
+        slot = min((s for s in self._slots if s not in self._lent.values()), key=lambda s: s.turn)
+        slot.wait()
+        # The data starts at the file offset's position within a block, so that direct I/O can
+        # write whole blocks straight from the slot.
+        phase = (len(self._headers[shard]) + offset) % _BLOCK
+        self._lent[name] = slot
+        slot.phase, slot.nbytes = phase, spec.nbytes
+        if not spec.nbytes:
+            return torch.empty(spec.shape, dtype=spec.dtype)
+        flat = torch.frombuffer(slot.mem, dtype=torch.uint8, count=spec.nbytes, offset=phase)
+        return flat.view(spec.dtype).view(spec.shape)
+
+    def commit(self, name: str) -> None:
+        """Queues the filled slot of ``name`` to be written in the background."""
+        slot = self._lent.pop(name, None)
+        if slot is None:
+            raise CheckpointError(f"CheckpointWriter.commit: no slot was lent for {name!r}")
+        shard, offset, _ = self._place[name]
+        self._written.add(name)
+        stream = self._streams[shard]
+        pos = len(self._headers[shard]) + offset
+        # Writes run one after the other, in commit order (file order for a producer that
+        # follows it), each on its own thread that first waits for the one before.
+        prev, self._last = self._last, slot
+        self._turns += 1
+        slot.turn = self._turns
+        slot.start(lambda: stream.put(slot, pos), after=prev)
+
+    def _drain(self) -> None:
+        """Waits for every background write; raises the first error one met."""
+        errors = []
+        for s in self._slots:
+            try:
+                s.wait()
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Writes one tensor at its place."""
+        shard, offset, spec = self._check(name)
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise CheckpointError(
                 f"tensor {name!r} has dtype {tensor.dtype} and shape {tuple(tensor.shape)}, "
                 f"expected {spec.dtype} and {spec.shape}"
             )
+        t = tensor.detach().to("cpu").contiguous()
+        self._drain()
+        self._streams[shard].buffered()
         f = self._files[shard]
         f.seek(len(self._headers[shard]) + offset)
-        t = tensor.detach().to("cpu").contiguous()
         if t.numel():
             f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        f.flush()
         self._written.add(name)
 
     def close(self) -> None:
+        try:
+            self._drain()
+        except BaseException:
+            self.abort()
+            raise
         missing = [n for n in self._place if n not in self._written]
         if missing:
             self.abort()
@@ -350,6 +432,13 @@ class CheckpointWriter:
                 f"{len(missing)} declared tensor(s) never written (first: {missing[0]!r}); "
                 "no output was produced"
             )
+        try:
+            for st in self._streams:
+                st.finish()
+        except BaseException:
+            self.abort()
+            raise
+        self._release_slots()
         for f in self._files:
             f.flush()
             os.fsync(f.fileno())
@@ -367,7 +456,20 @@ class CheckpointWriter:
             os.replace(tmp, final)
         self._open = False
 
+    def _release_slots(self) -> None:
+        for st in self._streams:
+            st.close()
+        self._lent.clear()
+        self._slots = []
+        self._last = None
+
     def abort(self) -> None:
+        for s in self._slots:
+            try:
+                s.wait()
+            except BaseException:  # noqa: BLE001, S110 - the output is discarded anyway
+                pass
+        self._release_slots()
         for f in self._files:
             if not f.closed:
                 f.close()
@@ -380,6 +482,130 @@ class CheckpointWriter:
             self.abort()
         else:
             self.close()
+
+
+class _Slot:
+    """A reusable page-aligned buffer and the background write of its content (one at a time)."""
+
+    def __init__(self, size: int):
+        self.mem = mmap.mmap(-1, max(size, _BLOCK))
+        self.phase = 0
+        self.nbytes = 0
+        self.turn = 0
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, job: Any, after: _Slot | None = None) -> None:
+        """Runs ``job`` on a thread, once the write of ``after`` (if any) has ended."""
+        before = None if after is None or after is self else after._thread
+
+        def run() -> None:
+            try:
+                if before is not None:
+                    before.join()
+                job()
+            except BaseException as e:  # noqa: BLE001 - handed to the producer in wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="spruce-writer", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Waits for the write in progress; raises its error (once)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        err, self._error = self._error, None
+        if err is not None:
+            raise err
+
+
+class _Stream:
+    """Appends to one temporary shard file with direct I/O while the writes come in file order.
+
+    Direct I/O writes whole blocks from block-aligned memory at block-aligned offsets: the bytes of
+    the last, partial block (``carry``) wait for the next write, which copies them in front of its
+    data in the slot (the slot places the data at its file offset's phase). A write out of order,
+    or a file system without direct I/O, falls back to buffered writes for the rest of the file.
+    """
+
+    def __init__(self, path: Path, f: Any, header: bytes):
+        self.f = f
+        self.pos = len(header)
+        self.carry = header[len(header) - len(header) % _BLOCK :]
+        self.lock = threading.Lock()
+        self.fd: int | None = None
+        direct = getattr(os, "O_DIRECT", 0)
+        if direct:
+            try:
+                self.fd = os.open(path, os.O_WRONLY | direct)
+            except OSError:
+                self.fd = None
+
+    def put(self, slot: _Slot, pos: int) -> None:
+        """Writes ``slot.nbytes`` bytes of the slot (at ``slot.phase``) at file offset ``pos``."""
+        with self.lock:
+            view = memoryview(slot.mem)
+            n, phase = slot.nbytes, slot.phase
+            if self.fd is not None and pos == self.pos and phase == len(self.carry):
+                view[:phase] = self.carry
+                total = phase + n
+                full = total - total % _BLOCK
+                try:
+                    _pwrite_all(self.fd, view[:full], pos - phase)
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    # a file system that opens with O_DIRECT but refuses the write: write the
+                    # same bytes buffered, and stay buffered
+                    os.close(self.fd)
+                    self.fd, self.carry = None, b""
+                    _pwrite_all(self.f.fileno(), view[:total], pos - phase)
+                    return
+                self.carry = bytes(view[full:total])
+                self.pos = pos + n
+            else:
+                self._buffered_locked()
+                _pwrite_all(self.f.fileno(), view[phase : phase + n], pos)
+
+    def buffered(self) -> None:
+        """Leaves direct I/O: the pending partial block is written, later writes are buffered."""
+        with self.lock:
+            self._buffered_locked()
+
+    def _buffered_locked(self) -> None:
+        if self.fd is not None:
+            if self.carry:
+                _pwrite_all(self.f.fileno(), memoryview(self.carry), self.pos - len(self.carry))
+            os.close(self.fd)
+            self.fd = None
+        self.carry = b""
+
+    def finish(self) -> None:
+        """Writes the last partial block (padded to a whole block, then truncated back)."""
+        with self.lock:
+            if self.fd is None or not self.carry:
+                return
+            block = mmap.mmap(-1, _BLOCK)
+            try:
+                block[: len(self.carry)] = self.carry
+                _pwrite_all(self.fd, memoryview(block), self.pos - len(self.carry))
+            finally:
+                block.close()
+            os.ftruncate(self.fd, self.pos)
+            self.carry = b""
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+
+
+def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, pos)
+        data, pos = data[n:], pos + n
 
 
 def save_state_dict(

@@ -2,9 +2,11 @@
 
 :func:`merge_checkpoints` reads the base and every model lazily (memory-mapped, through
 :mod:`spruce.io`), merges one tensor name at a time with :func:`spruce.merge.merge_tensors` and
-writes it straight into a sharded safetensors output that appears atomically when complete. The
-memory it needs is about (number of models + 2) x the largest tensor, never the models' size:
-after each tensor every input mapping is released, so the pages it touched leave the process.
+writes it straight into a sharded safetensors output that appears atomically when complete: each
+tensor is merged into one of the writer's two reusable slots, which a background thread writes
+(direct I/O) while the next tensor merges. The memory it needs is about (number of models + 3) x
+the largest tensor (the inputs, the two slots), never the models' size: after each tensor every
+input mapping is released, so the pages it touched leave the process.
 
 Every name, shape and dtype is checked across the checkpoints before anything is written.
 Random drops (DARE, DELLA) are keyed by a per-tensor seed derived from the configuration's seed
@@ -297,14 +299,19 @@ def _model_cuts(cfg: MergeConfig, src: _Sources, items: list[_Item]) -> list[lis
 
 def _run(
     cfg: MergeConfig,
-    sink: Callable[[str, torch.Tensor], None],
+    sink: Callable[[str, torch.Tensor], None] | CheckpointWriter,
     items: list[_Item],
     src: _Sources,
     report: MergeReport,
     progress: bool,
     clone_copies: bool = False,
 ) -> None:
+    """Merges or copies every item into ``sink``: a function that keeps each result, or a
+    checkpoint writer, whose slots take the results in place (merged straight into a reused
+    buffer, written in the background while the next tensor merges)."""
     from tqdm.auto import tqdm
+
+    writer = sink if isinstance(sink, CheckpointWriter) else None
 
     weights, densities = cfg.weights(), cfg.densities()
     options = cfg.options()
@@ -328,11 +335,16 @@ def _run(
             if it.action == "copy":
                 t = base_like[name]
                 report.bytes_read += t.numel() * t.element_size()
-                if t.dtype != it.spec.dtype:
-                    t = t.to(it.spec.dtype)
-                elif clone_copies:
-                    t = t.clone()
-                sink(name, t)
+                if writer is not None:
+                    writer.slot(name).copy_(t)
+                    writer.commit(name)
+                    del t
+                else:
+                    if t.dtype != it.spec.dtype:
+                        t = t.to(it.spec.dtype)
+                    elif clone_copies:
+                        t = t.clone()
+                    sink(name, t)  # type: ignore[operator]
                 report.copied += 1
             else:
                 base = src.base[name] if src.base is not None else None
@@ -353,21 +365,34 @@ def _run(
                     opts,
                     tensor_cuts,
                 )
+                in_place = writer is not None and models[0].dtype == it.spec.dtype
                 try:
-                    merged = _ops.merge(*args)
+                    if in_place:
+                        assert writer is not None
+                        _ops.merge_into(writer.slot(name), *args)
+                    else:
+                        merged = _ops.merge(*args)
                 except SpruceError as e:
                     raise type(e)(f"tensor {name!r}: {e}") from e
                 report.bytes_read += sum(t.numel() * t.element_size() for t in models) + (
                     0 if base is None else base.numel() * base.element_size()
                 )
+                report.parameters += models[0].numel()
                 del base, models, args, opts
-                if merged.dtype != it.spec.dtype:
-                    merged = merged.to(it.spec.dtype)
-                sink(name, merged)
+                if in_place:
+                    assert writer is not None
+                    writer.commit(name)
+                elif writer is not None:
+                    writer.slot(name).copy_(merged)
+                    writer.commit(name)
+                    del merged
+                else:
+                    if merged.dtype != it.spec.dtype:
+                        merged = merged.to(it.spec.dtype)
+                    sink(name, merged)  # type: ignore[operator]
+                    del merged
                 report.merged += 1
-                report.parameters += merged.numel()
                 merged_index += 1
-                del merged
             report.bytes_written += it.spec.nbytes
             src.release()
             bar.update(it.spec.nbytes)
@@ -411,7 +436,7 @@ def merge_checkpoints(
     )
     try:
         with writer:
-            _run(cfg, writer.write, items, src, report, progress)
+            _run(cfg, writer, items, src, report, progress)
     finally:
         src.release()
     report.files = writer.shard_paths

@@ -59,6 +59,9 @@ unsafe impl Zeroable for i64 {}
 unsafe impl Zeroable for u64 {}
 unsafe impl Zeroable for f32 {}
 unsafe impl Zeroable for f64 {}
+// SAFETY: all-zero bits are +0.0 in both half-precision formats.
+unsafe impl Zeroable for half::f16 {}
+unsafe impl Zeroable for half::bf16 {}
 
 /// A zero-filled vector of `n` elements, or [`Error::OutOfMemory`] instead of aborting.
 ///

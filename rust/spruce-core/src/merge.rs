@@ -28,7 +28,6 @@ use crate::parallel::{install, SyncPtr};
 use crate::rng;
 use crate::select::{has_nan, kth_position, make_items, select_threshold, Item, KeySource};
 use rayon::prelude::*;
-use std::mem::MaybeUninit;
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
 const OP: &str = "merge";
@@ -152,11 +151,29 @@ impl Acc for f64 {
 }
 
 /// An element type of the merged tensors and its accumulator.
-pub trait Elem: Float {
+pub trait Elem: Float + Zeroable {
     type A: Acc;
     fn load(self) -> Self::A;
     /// Rounds an accumulator value to this type (round to nearest even).
     fn store(a: Self::A) -> Self;
+    /// `dst[j] = src[j].load()` over a run (the lengths must be equal).
+    #[inline(always)]
+    fn load_run(src: &[Self], dst: &mut [Self::A]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = x.load();
+        }
+    }
+    /// `dst[j] = store(src[j])` over a run (the lengths must be equal); whether any `src[j]` is
+    /// NaN.
+    #[inline(always)]
+    fn store_run(src: &[Self::A], dst: &mut [Self]) -> bool {
+        let mut nan = false;
+        for (d, &a) in dst.iter_mut().zip(src) {
+            nan |= a.is_nan();
+            *d = Self::store(a);
+        }
+        nan
+    }
 }
 
 impl Elem for f32 {
@@ -193,17 +210,56 @@ impl Elem for f16 {
     fn store(a: f32) -> Self {
         f16::from_f32(a)
     }
+    /// `half`'s slice conversion: the hardware instructions where the CPU has them, the same
+    /// exact values as [`Elem::load`].
+    #[inline(always)]
+    fn load_run(src: &[Self], dst: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+    }
+    /// `half`'s slice conversion rounds to nearest even as [`Elem::store`] does.
+    #[inline(always)]
+    fn store_run(src: &[f32], dst: &mut [Self]) -> bool {
+        let nan = src.iter().fold(false, |n, &a| n | a.is_nan());
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src);
+        nan
+    }
+}
+
+/// bfloat16 bits of an f32: round to nearest even, NaN kept quiet (`half`'s `bf16::from_f32`,
+/// without branches so that runs of them vectorize).
+#[inline(always)]
+fn bf16_bits(a: f32) -> (u16, bool) {
+    let x = a.to_bits();
+    let nan = x & 0x7fff_ffff > 0x7f80_0000;
+    // Adding 0x7fff plus the lowest kept bit carries into the kept bits exactly when the dropped
+    // half is above one half, or equal to it with an odd kept part (no overflow unless NaN).
+    let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
+    let quiet = (x >> 16) | 0x0040;
+    ((if nan { quiet } else { rounded }) as u16, nan)
 }
 
 impl Elem for bf16 {
     type A = f32;
+    /// `half`'s `bf16::to_f32` (NaN made quiet), without branches.
     #[inline(always)]
     fn load(self) -> f32 {
-        self.to_f32()
+        let b = self.to_bits() as u32;
+        let quiet = if b & 0x7fff > 0x7f80 { b | 0x0040 } else { b };
+        f32::from_bits(quiet << 16)
     }
     #[inline(always)]
     fn store(a: f32) -> Self {
-        bf16::from_f32(a)
+        bf16::from_bits(bf16_bits(a).0)
+    }
+    #[inline(always)]
+    fn store_run(src: &[f32], dst: &mut [Self]) -> bool {
+        let mut nan = false;
+        for (d, &a) in dst.iter_mut().zip(src) {
+            let (b, n) = bf16_bits(a);
+            nan |= n;
+            *d = bf16::from_bits(b);
+        }
+        nan
     }
 }
 
@@ -364,14 +420,6 @@ impl<'a, T: Elem> DeltaSource<'a, T> {
     }
 }
 
-#[inline(always)]
-fn delta<T: Elem>(b: Option<&[T]>, m: &[T], i: usize) -> T::A {
-    match b {
-        Some(b) => m[i].load() - b[i].load(),
-        None => m[i].load(),
-    }
-}
-
 impl<T: Elem> KeySource for DeltaSource<'_, T> {
     fn bits(&self) -> u32 {
         T::A::BITS
@@ -379,17 +427,42 @@ impl<T: Elem> KeySource for DeltaSource<'_, T> {
     fn items(&self) -> &[Item] {
         &self.items
     }
+    /// In blocks: the task vector and its keys in vectorizable runs, then `f` on each key.
     #[inline]
     fn visit<F: FnMut(usize, u64)>(&self, it: &Item, mut f: F) -> bool {
+        const BLOCK: usize = 256;
         let (b, m) = self.segs[it.seg];
+        let mut tau = [T::A::ZERO; BLOCK];
+        let mut keys = [0u64; BLOCK];
         let mut nan = false;
-        for i in it.start..it.end {
-            let d = delta(b, m, i);
-            if d.is_nan() {
-                nan = true;
-            } else {
-                f(i, d.mag_key());
+        let mut i0 = it.start;
+        while i0 < it.end {
+            let len = BLOCK.min(it.end - i0);
+            let t = &mut tau[..len];
+            T::load_run(&m[i0..i0 + len], t);
+            if let Some(b) = b {
+                for (x, &y) in t.iter_mut().zip(&b[i0..i0 + len]) {
+                    *x = *x - y.load();
+                }
             }
+            let mut block_nan = false;
+            for (k, &x) in keys[..len].iter_mut().zip(t.iter()) {
+                block_nan |= x.is_nan();
+                *k = x.mag_key();
+            }
+            if block_nan {
+                nan = true;
+                for (j, (&k, &x)) in keys[..len].iter().zip(t.iter()).enumerate() {
+                    if !x.is_nan() {
+                        f(i0 + j, k);
+                    }
+                }
+            } else {
+                for (j, &k) in keys[..len].iter().enumerate() {
+                    f(i0 + j, k);
+                }
+            }
+            i0 += len;
         }
         nan
     }
@@ -889,24 +962,14 @@ impl<'a, T: Elem> Plan<'a, T> {
         rs: &mut RankScratch,
     ) -> bool {
         let m = &self.inp.models[k][start..start + tau.len()];
-        let mut nan = false;
-        match self.inp.base {
-            Some(b) => {
-                let b = &b[start..start + tau.len()];
-                for ((t, &x), &y) in tau.iter_mut().zip(m).zip(b) {
-                    let v = x.load() - y.load();
-                    nan |= v.is_nan();
-                    *t = v;
-                }
-            }
-            None => {
-                for (t, &x) in tau.iter_mut().zip(m) {
-                    let v = x.load();
-                    nan |= v.is_nan();
-                    *t = v;
-                }
+        T::load_run(m, tau);
+        if let Some(b) = self.inp.base {
+            let b = &b[start..start + tau.len()];
+            for (t, &y) in tau.iter_mut().zip(b) {
+                *t = *t - y.load();
             }
         }
+        let nan = tau.iter().fold(false, |n, &v| n | v.is_nan());
         let rule = self.rules[k];
         let f = rule.factor;
         let zero = T::A::ZERO;
@@ -924,6 +987,7 @@ impl<'a, T: Elem> Plan<'a, T> {
                 }
             }
             (Keep::All, None) => mult.fill(f),
+            (Keep::Band { lo, hi: Cut::ALL }, None) => above_cut(tau, mult, lo, start, f),
             (Keep::Band { lo, hi }, None) => {
                 // Branch-free: `(key, i)` outside `lo` and inside `hi`.
                 for (j, (o, &t)) in mult.iter_mut().zip(tau.iter()).enumerate() {
@@ -1094,6 +1158,8 @@ struct Scratch<A> {
     f64s: Vec<f64>,
     /// Per-entry accumulators of the combine step.
     work: Vec<A>,
+    /// The base over the chunk.
+    base: Vec<A>,
 }
 
 impl<A> Default for Scratch<A> {
@@ -1104,6 +1170,7 @@ impl<A> Default for Scratch<A> {
             rank: RankScratch::default(),
             f64s: Vec::new(),
             work: Vec::new(),
+            base: Vec::new(),
         }
     }
 }
@@ -1208,7 +1275,7 @@ impl<T: Elem> Plan<'_, T> {
         Ok(out)
     }
 
-    fn pcb_chunk(&self, start: usize, out: &mut [MaybeUninit<T>], taus: &mut Vec<f64>) -> bool {
+    fn pcb_chunk(&self, start: usize, out: &mut [T], taus: &mut Vec<f64>) -> bool {
         let base = self.inp.base.unwrap_or(&[]);
         let n = self.n as f64;
         taus.resize(self.n, 0.0);
@@ -1237,7 +1304,7 @@ impl<T: Elem> Plan<'_, T> {
             }
             let v = b.get() + self.spec.scale * (num / den.max(PCB_MIN_SCALE));
             nan |= v.is_nan();
-            o.write(T::from_f64(v));
+            *o = T::from_f64(v);
         }
         nan
     }
@@ -1265,13 +1332,14 @@ impl<T: Elem> Plan<'_, T> {
     }
 
     /// Merged values of one chunk; returns whether NaN was seen.
-    fn values_chunk(&self, start: usize, out: &mut [MaybeUninit<T>], s: &mut Scratch<T::A>) -> bool {
+    fn values_chunk(&self, start: usize, out: &mut [T], s: &mut Scratch<T::A>) -> bool {
         let len = out.len();
         let n = self.n;
         let zero = T::A::ZERO;
         let lam = self.scale;
         let base = self.inp.base;
         let models = &self.inp.models;
+        let range = start..start + len;
         let mut nan = false;
         match self.spec.combine {
             Combine::Slerp { .. } => {
@@ -1279,7 +1347,7 @@ impl<T: Elem> Plan<'_, T> {
                 for (j, o) in out.iter_mut().enumerate() {
                     let v = c0 * base_at(base, start + j) + c1 * models[0][start + j].load();
                     nan |= v.is_nan();
-                    o.write(T::store(v));
+                    *o = T::store(v);
                 }
                 return nan;
             }
@@ -1288,7 +1356,7 @@ impl<T: Elem> Plan<'_, T> {
                     let i = start + j;
                     let v = base_at(base, i) + lam * (models[0][i].load() - models[1][i].load());
                     nan |= v.is_nan();
-                    o.write(T::store(v));
+                    *o = T::store(v);
                 }
                 return nan;
             }
@@ -1297,41 +1365,50 @@ impl<T: Elem> Plan<'_, T> {
                 if self.spec.sparsify == Sparsify::None =>
             {
                 // Nothing dropped: sum `wk · τk` straight from the inputs (the same operations as
-                // the general path, where every multiplier is 1), model by model over the chunk.
+                // the general path, where every multiplier is 1), model by model over the chunk,
+                // each input converted once per chunk in vectorizable runs.
                 s.work.resize(len, zero);
-                let acc = &mut s.work[..len];
+                s.tau.resize(len, zero);
+                s.base.resize(len, zero);
+                let (acc, mv, bv) = (&mut s.work[..len], &mut s.tau[..len], &mut s.base[..len]);
                 acc.fill(zero);
-                let range = start..start + len;
+                if let Some(b) = base {
+                    T::load_run(&b[range.clone()], bv);
+                }
                 for (m, &wk) in models.iter().zip(&self.w) {
-                    let m = &m[range.clone()];
-                    match base {
-                        Some(b) => {
-                            for ((a, &x), &y) in acc.iter_mut().zip(m).zip(&b[range.clone()]) {
-                                *a = *a + wk * (x.load() - y.load());
-                            }
+                    T::load_run(&m[range.clone()], mv);
+                    if base.is_some() {
+                        for ((a, &x), &y) in acc.iter_mut().zip(mv.iter()).zip(bv.iter()) {
+                            *a = *a + wk * (x - y);
                         }
-                        None => {
-                            for (a, &x) in acc.iter_mut().zip(m) {
-                                *a = *a + wk * x.load();
-                            }
+                    } else {
+                        for (a, &x) in acc.iter_mut().zip(mv.iter()) {
+                            *a = *a + wk * x;
                         }
                     }
                 }
                 let linear = matches!(self.spec.combine, Combine::Linear { .. });
-                for (j, (o, &a)) in out.iter_mut().zip(acc.iter()).enumerate() {
-                    let d = if normalize { a / self.wsum } else { a };
-                    let v = if linear { d } else { base_at(base, start + j) + lam * d };
-                    nan |= v.is_nan();
-                    o.write(T::store(v));
+                for (a, &y) in acc.iter_mut().zip(bv.iter()) {
+                    let d = if normalize { *a / self.wsum } else { *a };
+                    *a = if linear { d } else { y + lam * d };
                 }
-                return nan;
+                return T::store_run(acc, out);
             }
             _ => {}
         }
         nan |= self.sparsified(start, len, s);
         s.work.resize(4 * len, zero);
+        s.base.resize(len, zero);
+        let bv = &mut s.base[..len];
+        match base {
+            Some(b) => T::load_run(&b[range.clone()], bv),
+            None => bv.fill(zero),
+        }
+        let bv = &s.base[..len];
         let u = &s.tau;
         let w = &self.w;
+        // The sparsifying paths report NaN of the inputs only (dropped infinities give NaN
+        // products that the result keeps): the NaN flag of the rounding is not used.
         match self.spec.combine {
             Combine::Sum { normalize } => {
                 // Model by model over the whole chunk (vectorizable), each entry summed in order.
@@ -1342,10 +1419,11 @@ impl<T: Elem> Plan<'_, T> {
                         *a = *a + wk * x;
                     }
                 }
-                for (j, (o, &a)) in out.iter_mut().zip(acc.iter()).enumerate() {
-                    let d = if normalize { a / self.wsum } else { a };
-                    o.write(T::store(base_at(base, start + j) + lam * d));
+                for (a, &y) in acc.iter_mut().zip(bv) {
+                    let d = if normalize { *a / self.wsum } else { *a };
+                    *a = y + lam * d;
                 }
+                T::store_run(acc, out);
             }
             Combine::Consensus { votes, weighted, zero_positive, divisor } => {
                 let (g, rest) = s.work.split_at_mut(len);
@@ -1359,17 +1437,18 @@ impl<T: Elem> Plan<'_, T> {
                     agree_chunk(&u[k * len..(k + 1) * len], wk, weighted, g, num, den, cnt);
                 }
                 let one = T::A::ONE;
-                for (j, (o, ((&gj, &nj), (&dj, &cj)))) in
-                    out.iter_mut().zip(g.iter().zip(num.iter()).zip(den.iter().zip(cnt.iter()))).enumerate()
+                for ((gj, &y), (&nj, (&dj, &cj))) in
+                    g.iter_mut().zip(bv).zip(num.iter().zip(den.iter().zip(cnt.iter())))
                 {
                     let d = match divisor {
                         Divisor::One => nj,
                         Divisor::Count => nj / if cj > one { cj } else { one },
                         Divisor::Weight => nj / if dj == zero { one } else { dj },
                     };
-                    let d = if gj == zero { zero } else { d };
-                    o.write(T::store(base_at(base, start + j) + lam * d));
+                    let d = if *gj == zero { zero } else { d };
+                    *gj = y + lam * d;
                 }
+                T::store_run(g, out);
             }
             Combine::Linear { normalize } => {
                 for (j, o) in out.iter_mut().enumerate() {
@@ -1377,7 +1456,7 @@ impl<T: Elem> Plan<'_, T> {
                     for k in 0..n {
                         acc = acc + w[k] * u[k * len + j];
                     }
-                    o.write(T::store(if normalize { acc / self.wsum } else { acc }));
+                    *o = T::store(if normalize { acc / self.wsum } else { acc });
                 }
             }
             Combine::Fisher { floor } => {
@@ -1392,7 +1471,7 @@ impl<T: Elem> Plan<'_, T> {
                         num = num + a * u[k * len + j];
                         den = den + a;
                     }
-                    o.write(T::store(num / den));
+                    *o = T::store(num / den);
                 }
             }
             Combine::Slerp { .. } | Combine::Transfer | Combine::Pcb => {}
@@ -1465,6 +1544,37 @@ impl<T: Elem> Plan<'_, T> {
             Combine::Slerp { .. } | Combine::Transfer | Combine::Pcb => {}
         }
         nan
+    }
+}
+
+/// `mult[j] = f` where `(|tau[j]|, start + j)` is outside `lo`, else 0: the magnitude trim, in
+/// two runs (positions before and after `lo.end`) of plain key comparisons, 32-bit ones for f32.
+fn above_cut<A: Acc>(tau: &[A], mult: &mut [A], lo: Cut, start: usize, f: A) {
+    let zero = A::ZERO;
+    // Positions below `lo.end` are held by `lo` at a key equal to `lo.key`; the others are not.
+    let split = lo.end.saturating_sub(start).min(tau.len());
+    let (t0, t1) = tau.split_at(split);
+    let (m0, m1) = mult.split_at_mut(split);
+    if A::BITS == 32 {
+        if lo.key > u32::MAX as u64 {
+            // Every key is below the cut.
+            mult.fill(zero);
+            return;
+        }
+        let k = lo.key as u32;
+        for (o, &t) in m0.iter_mut().zip(t0) {
+            *o = if t.mag_key() as u32 > k { f } else { zero };
+        }
+        for (o, &t) in m1.iter_mut().zip(t1) {
+            *o = if t.mag_key() as u32 >= k { f } else { zero };
+        }
+    } else {
+        for (o, &t) in m0.iter_mut().zip(t0) {
+            *o = if t.mag_key() > lo.key { f } else { zero };
+        }
+        for (o, &t) in m1.iter_mut().zip(t1) {
+            *o = if t.mag_key() >= lo.key { f } else { zero };
+        }
     }
 }
 
@@ -1613,29 +1723,45 @@ pub fn merge<T: Elem>(inp: &Inputs<'_, T>, spec: &Spec) -> Result<Vec<T>> {
     install(|| {
         let mut plan = Plan::new(inp, spec)?;
         plan.prepare()?;
-        let numel = plan.numel;
-        let mut out: Vec<MaybeUninit<T>> = Vec::new();
-        out.try_reserve_exact(numel).map_err(|_| Error::OutOfMemory {
-            op: OP,
-            bytes: numel as u128 * std::mem::size_of::<T>() as u128,
-        })?;
-        out.resize_with(numel, MaybeUninit::uninit);
-        let cl = plan.chunk_len();
+        // Zeroed (calloc: no serial fill); every element is overwritten.
+        let mut out = try_zeroed::<T>(OP, plan.numel)?;
+        plan.fill(&mut out)?;
+        Ok(out)
+    })
+}
+
+/// [`merge`] into a caller's buffer of the models' element count (a buffer reused from tensor to
+/// tensor spares the page faults of a fresh allocation). On error `out` holds unspecified values.
+pub fn merge_into<T: Elem>(inp: &Inputs<'_, T>, spec: &Spec, out: &mut [T]) -> Result<()> {
+    install(|| {
+        let mut plan = Plan::new(inp, spec)?;
+        plan.prepare()?;
+        if out.len() != plan.numel {
+            return Err(Error::arg(
+                OP,
+                "out",
+                format!("{} elements", out.len()),
+                format!("{} elements", plan.numel),
+            ));
+        }
+        plan.fill(out)
+    })
+}
+
+impl<T: Elem> Plan<'_, T> {
+    /// The fused pass over fixed chunks of the result (inside the pool).
+    fn fill(&self, out: &mut [T]) -> Result<()> {
+        let cl = self.chunk_len();
         let nan = out
             .par_chunks_mut(cl)
             .enumerate()
-            .map_init(Scratch::default, |s, (c, o)| plan.values_chunk(c * cl, o, s))
+            .map_init(Scratch::default, |s, (c, o)| self.values_chunk(c * cl, o, s))
             .reduce(|| false, |a, b| a | b);
         if nan {
             return Err(nan_err("models"));
         }
-        let mut out = std::mem::ManuallyDrop::new(out);
-        let (ptr, len, cap) = (out.as_mut_ptr() as *mut T, out.len(), out.capacity());
-        // SAFETY: every chunk wrote every one of its elements (`values_chunk` writes `out[j]` for
-        // each j), so all `len` elements are initialized; `MaybeUninit<T>` has `T`'s layout and
-        // the allocation is handed over unchanged.
-        Ok(unsafe { Vec::from_raw_parts(ptr, len, cap) })
-    })
+        Ok(())
+    }
 }
 
 /// The merge as coefficients: `c` of shape `(n_models, numel)` such that the merged tensor is
@@ -2112,5 +2238,65 @@ mod tests {
         let shape0 = [0, 3];
         let e = inputs(Some(&empty[..]), vec![&empty[..]], &shape0);
         assert!(merge(&e, &s).unwrap().is_empty());
+    }
+
+    #[test]
+    fn bf16_and_f16_runs_round_exactly_as_half_does() {
+        // Every bf16 pattern through load, and f32 patterns around every rounding case through
+        // store: the same bits as `half`'s scalar conversions (NaN: both quiet NaN).
+        for b in 0..=u16::MAX {
+            let x = bf16::from_bits(b);
+            let (mine, theirs) = (<bf16 as Elem>::load(x), x.to_f32());
+            assert!(mine.to_bits() == theirs.to_bits() || (mine.is_nan() && theirs.is_nan()), "{b:#x}");
+        }
+        let mut bits: Vec<u32> = vec![0, 0x8000_0000, 0x7f80_0000, 0xff80_0000, 0x7f7f_ffff, 0xff7f_ffff];
+        let mut seed = 1u64;
+        for hi in (0..=u16::MAX as u32).step_by(7) {
+            for lo in [0u32, 1, 0x7fff, 0x8000, 0x8001, 0xffff] {
+                bits.push(hi << 16 | lo);
+            }
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            bits.push((seed >> 32) as u32);
+        }
+        let vals: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut got = vec![bf16::ZERO; vals.len()];
+        let nan = <bf16 as Elem>::store_run(&vals, &mut got);
+        assert!(nan);
+        let mut got16 = vec![f16::ZERO; vals.len()];
+        assert!(<f16 as Elem>::store_run(&vals, &mut got16));
+        for ((&v, g), g16) in vals.iter().zip(&got).zip(&got16) {
+            assert_eq!(g.to_bits(), bf16::from_f32(v).to_bits(), "{:#x}", v.to_bits());
+            let want16 = f16::from_f32(v);
+            assert!(g16.to_bits() == want16.to_bits() || (g16.is_nan() && want16.is_nan()));
+        }
+        let finite: Vec<f32> = vals.iter().copied().filter(|v| !v.is_nan()).collect();
+        assert!(!<bf16 as Elem>::store_run(&finite, &mut got[..finite.len()]));
+    }
+
+    #[test]
+    fn merge_into_fills_a_buffer_as_merge_returns() {
+        let n = 3 * CHUNK + 17;
+        let shape = [n];
+        let base: Vec<bf16> = data(n, 1).iter().map(|&x| bf16::from_f32(x)).collect();
+        let ms: Vec<Vec<bf16>> =
+            (0..3).map(|k| data(n, 2 + k).iter().map(|&x| bf16::from_f32(x)).collect()).collect();
+        let inp = inputs(Some(&base[..]), ms.iter().map(|m| &m[..]).collect(), &shape);
+        for (combine, sparsify) in [
+            (Combine::Sum { normalize: false }, Sparsify::None),
+            (MERGEKIT, Sparsify::Magnitude),
+            (PEFT, Sparsify::RandomExact),
+        ] {
+            let s = spec(combine, sparsify, Rescale::None, 3, 0.4);
+            let want = merge(&inp, &s).unwrap();
+            let mut out = vec![bf16::from_f32(9.0); n];
+            merge_into(&inp, &s, &mut out).unwrap();
+            assert_eq!(
+                out.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+        }
+        let s = spec(Combine::Sum { normalize: false }, Sparsify::None, Rescale::None, 3, 1.0);
+        let mut short = vec![bf16::ZERO; n - 1];
+        assert!(matches!(merge_into(&inp, &s, &mut short), Err(Error::InvalidArgument { .. })));
     }
 }

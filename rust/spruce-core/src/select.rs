@@ -212,25 +212,39 @@ pub(crate) fn select_threshold<S: KeySource>(src: &S, k: u64) -> std::result::Re
         let pmask = if known == 0 { 0 } else { (u64::MAX >> (64 - known)) << (bits - known) };
         let dmask = (1u64 << d) - 1;
         let bins = 1usize << d;
-        let (hist, nan) = items
+        let (hist, nan, _) = items
             .par_iter()
             .with_min_len(pieces(items.len()))
             .fold(
-                || (vec![0u64; bins], false),
-                |(mut h, nan), it| {
-                    let seen = src.visit(it, |_, key| {
-                        if key & pmask == prefix {
-                            h[((key >> shift) & dmask) as usize] += 1;
+                || (vec![0u64; bins], false, Vec::<u32>::new()),
+                |(mut h, nan, mut digits), it| {
+                    let seen = if known == 0 {
+                        src.visit(it, |_, key| h[((key >> shift) & dmask) as usize] += 1)
+                    } else {
+                        // Later passes count the few keys inside the prefix: their digits are
+                        // gathered without branches (every digit is stored, the end advances on a
+                        // match), then counted; a branch per key would mispredict.
+                        digits.clear();
+                        digits.resize(it.end - it.start + 1, 0);
+                        let mut end = 0usize;
+                        let seen = src.visit(it, |_, key| {
+                            digits[end] = ((key >> shift) & dmask) as u32;
+                            end += (key & pmask == prefix) as usize;
+                        });
+                        for &d in &digits[..end] {
+                            h[d as usize] += 1;
                         }
-                    });
-                    (h, nan | seen)
+                        seen
+                    };
+                    (h, nan | seen, digits)
                 },
             )
-            .reduce_with(|(mut a, na), (b, nb)| {
+            .map(|(h, nan, _)| (h, nan, ()))
+            .reduce_with(|(mut a, na, _), (b, nb, _)| {
                 a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                (a, na | nb)
+                (a, na | nb, ())
             })
-            .unwrap_or_else(|| (vec![0u64; bins], false));
+            .unwrap_or_else(|| (vec![0u64; bins], false, ()));
         if nan {
             return Err(());
         }

@@ -6,7 +6,7 @@
 
 use crate::{contiguous, float_arr, py_err, shape_of, values, Arr, ToNumpy};
 use half::{bf16, f16};
-use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use spruce_core::merge as mg;
@@ -104,6 +104,8 @@ fn parse_spec(d: &Bound<'_, PyDict>) -> PyResult<Spec> {
 /// Typed views of arrays that must all have the element type `Self`.
 trait Typed: Elem + ToNumpy {
     fn view<'a>(a: &'a Arr<'_>, arg: &'static str) -> PyResult<Option<&'a [Self]>>;
+    /// The elements of a writable array of the NumPy element type.
+    fn cast_mut(s: &mut [Self::Np]) -> &mut [Self];
 }
 
 macro_rules! typed {
@@ -114,6 +116,9 @@ macro_rules! typed {
                     Arr::$variant(x) => contiguous(x, OP, arg).map(Some),
                     _ => Ok(None),
                 }
+            }
+            fn cast_mut(s: &mut [Self]) -> &mut [Self] {
+                s
             }
         }
     };
@@ -131,6 +136,9 @@ impl Typed for bf16 {
             }
             _ => Ok(None),
         }
+    }
+    fn cast_mut(s: &mut [u16]) -> &mut [Self] {
+        half::slice::HalfBitsSliceExt::reinterpret_cast_mut(s)
     }
 }
 
@@ -314,6 +322,44 @@ fn merge<'py>(
     })
 }
 
+/// Merges one tensor into `out`: a writable C-contiguous array of the models' element type
+/// (bfloat16 as its `uint16` bits) and element count that shares no memory with the inputs.
+#[pyfunction]
+#[pyo3(signature = (out, base, models, fisher, masks, cuts, spec))]
+#[allow(clippy::too_many_arguments)]
+fn merge_into<'py>(
+    py: Python<'py>,
+    out: &Bound<'py, PyAny>,
+    base: Option<&Bound<'py, PyAny>>,
+    models: &Bound<'py, PyList>,
+    fisher: &Bound<'py, PyList>,
+    masks: &Bound<'py, PyList>,
+    cuts: Vec<(u64, i64)>,
+    spec: &Bound<'py, PyDict>,
+) -> PyResult<()> {
+    let args = parse_args(base, models, fisher, masks, cuts, spec)?;
+    dispatch!(&args.models[0], T => {
+        // Extracted after the inputs: NumPy's borrow tracking refuses an `out` that overlaps one.
+        let mut arr: PyReadwriteArrayDyn<'py, <T as ToNumpy>::Np> = out.extract().map_err(|_| {
+            py_err(Error::DType {
+                op: OP,
+                arg: "out",
+                dtype: out.getattr("dtype").map(|d| d.to_string()).unwrap_or_else(|_| out.get_type().to_string()),
+                expected: format!(
+                    "a writable array of the models' element type ({}) sharing no memory with them",
+                    dtype_name(&args.models[0])
+                ),
+            })
+        })?;
+        let shape = arr.shape().to_vec();
+        let dst = arr
+            .as_slice_mut()
+            .map_err(|_| py_err(Error::shape(OP, "out", &shape, "a C-contiguous writable buffer")))?;
+        let dst = T::cast_mut(dst);
+        with_inputs::<T, _>(py, &args, |inp, spec| mg::merge_into(inp, spec, dst))?.map_err(py_err)
+    })
+}
+
 /// The merge as coefficients of shape `(n_models, *shape)` in the accumulator type.
 #[pyfunction]
 #[pyo3(signature = (base, models, fisher, masks, cuts, spec))]
@@ -360,6 +406,7 @@ fn merge_model_cuts<'py>(
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_into, m)?)?;
     m.add_function(wrap_pyfunction!(merge_coefficients, m)?)?;
     m.add_function(wrap_pyfunction!(merge_model_cuts, m)?)?;
     Ok(())
