@@ -1,9 +1,11 @@
-"""Tensor networks: path finding against opt_einsum, cached contraction against torch.einsum,
-MPO compression of a 4096 x 4096 layer against the dense layer.
+"""Tensor networks: path finding against opt_einsum, hyper-optimized paths against cotengra,
+cached contraction against torch.einsum, MPO compression of a 4096 x 4096 layer against the
+dense layer.
 
-Networks are random 3-regular graphs of bond 4 (fixed seeds). Path-finding cases assert first
-that spruce's path costs no more than opt_einsum's (equal for dp and optimal). Run with
-``make bench``.
+Networks are random 3-regular graphs of bond 4 (fixed seeds; bond 2 for the hyper-optimizer
+cases). Path-finding cases assert first that spruce's path costs no more than opt_einsum's
+(equal for dp and optimal); the hyper-optimizer cases give both tools the same time budget and
+assert that spruce's path costs no more than cotengra's. Run with ``make bench``.
 """
 
 from __future__ import annotations
@@ -96,6 +98,101 @@ def test_c_optimal_10(measure, impl):
         rounds_oe=1,
         equal=True,
     )
+
+
+# The time both hyper-optimizers get per network: cotengra's default configuration runs 128
+# repeats, which takes many minutes on 300 tensors on 2 cores; a fixed budget for both keeps the
+# comparison fair and the benchmark short.
+HYPER_BUDGET = 30.0
+# cotengra's result per network size: (seconds, opt_einsum cost of its path), filled by the
+# cotengra row (timed) or, when that row is deselected, by the spruce row (untimed).
+_COTENGRA: dict[int, tuple[float, int]] = {}
+
+
+def _cotengra_optimizer() -> Any:
+    import cotengra as ctg
+
+    with warnings.catch_warnings():  # "kahypar not installed: using 'labels'"
+        warnings.simplefilter("ignore", UserWarning)
+        return ctg.HyperOptimizer(max_time=HYPER_BUDGET)
+
+
+def _cotengra_run(n: int, eq: str, shapes: list[tuple[int, ...]]) -> Any:
+    import time
+
+    start = time.perf_counter()
+    result = oe.contract_path(eq, *shapes, shapes=True, optimize=_cotengra_optimizer())
+    _COTENGRA[n] = (time.perf_counter() - start, int(result[1].opt_cost))
+    return result
+
+
+def _cotengra_config() -> str:
+    import cotengra as ctg
+
+    opt = _cotengra_optimizer()
+    optlib = type(getattr(opt, "_optimizer", None)).__name__
+    return (
+        f"cotengra {ctg.__version__} HyperOptimizer(max_time={HYPER_BUDGET:.0f}), otherwise "
+        f"default: methods {'/'.join(getattr(opt, '_methods', ()))}, up to {opt.max_repeats} "
+        f"repeats, optlib {optlib}, subtree reconfiguration {opt.reconf_opts!r}"
+    )
+
+
+@pytest.mark.parametrize("n", [100, 300])
+@pytest.mark.parametrize("impl", ["cotengra", "spruce"])
+def test_f_hyper_vs_cotengra(measure, impl, n):
+    eq, shapes = ref.random_regular_network(n, 3, 2, seed=n)
+    group = (
+        f"f) hyper-optimized path: {n}-tensor random 3-regular network, bond 2, "
+        f"{HYPER_BUDGET:.0f} s budget each"
+    )
+    info = measure.benchmark.extra_info
+    if impl == "cotengra":
+        measure(
+            lambda: _cotengra_run(n, eq, shapes),
+            group=group,
+            impl=f"cotengra.HyperOptimizer(max_time={HYPER_BUDGET:.0f})",
+            role="baseline",
+            bytes_moved=0,
+            rounds=1,
+            warmup=0,
+            note=_cotengra_config(),
+        )
+        seconds, cost = _COTENGRA[n]
+        info.update(opt_cost=cost, seconds=seconds)
+        return
+    if n not in _COTENGRA:
+        _cotengra_run(n, eq, shapes)
+    _, theirs = _COTENGRA[n]
+    found: dict[str, Any] = {}
+
+    def run():
+        found["result"] = tn.contract_path(
+            eq, *shapes, shapes=True, optimize="hyper", trials=10**6, time_limit=HYPER_BUDGET
+        )
+        return found["result"]
+
+    measure(
+        run,
+        group=group,
+        impl=f"spruce.contract_path(optimize='hyper', time_limit={HYPER_BUDGET:.0f})",
+        role="spruce",
+        bytes_moved=0,
+        rounds=1,
+        warmup=0,
+    )
+    path, ours = found["result"]
+    assert ref.path_cost(eq, shapes, path)[0] == ours.opt_cost
+    info.update(
+        opt_cost=int(ours.opt_cost),
+        cotengra_opt_cost=theirs,
+        cost_ratio=ours.opt_cost / theirs,
+        note=(
+            f"opt_einsum cost of the path: spruce {ours.opt_cost:.4e}, cotengra {theirs:.4e} "
+            f"(spruce / cotengra = {ours.opt_cost / theirs:.3f}; target <= 1)"
+        ),
+    )
+    assert ours.opt_cost <= theirs
 
 
 GROUP_D = "d) repeated contraction: 8-site MPS norm (bond 16, phys 2), float32"

@@ -229,6 +229,7 @@ def contract_path(
     seed: int = ...,
     temperature: float = ...,
     nbranch: int = ...,
+    subtree_size: int = ...,
 ) -> dict[str, Any]:
     """A contraction order for an einsum equation and its cost (``opt_einsum`` conventions)."""
 

@@ -1,5 +1,6 @@
-"""Tensor networks: contraction paths (found in Rust), cached contraction with torch,
-TT / MPO / Tucker decompositions, compressed layers and model compression."""
+"""Tensor networks: contraction paths (found in Rust, up to a hyper-optimizing search with
+subtree reconfiguration), cached contraction with torch, TT / MPO / Tucker decompositions,
+compressed layers and model compression."""
 
 from __future__ import annotations
 

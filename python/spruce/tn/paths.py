@@ -19,7 +19,7 @@ from ..errors import ArgumentError
 __all__ = ["contract_path", "PathInfo", "ContractionStep", "OPTIMIZERS"]
 
 #: The optimizers ``optimize=`` accepts (besides an explicit path).
-OPTIMIZERS = ("auto", "optimal", "dp", "greedy", "random-greedy")
+OPTIMIZERS = ("auto", "optimal", "dp", "greedy", "random-greedy", "hyper")
 _ALIASES = {"dynamic-programming": "dp", "random-greedy-128": "random-greedy"}
 # random-greedy trials per native call when progress is shown
 _CHUNK = 8
@@ -45,7 +45,7 @@ class PathInfo:
     ``largest_intermediate`` (ints, exact at any size; ``speedup`` a float), ``steps`` (a list of
     :class:`ContractionStep`), ``scale_list``, ``size_list``, ``optimizer`` (the optimizer that
     produced the path, with the reason if it fell back to greedy) and ``best_trial`` (for
-    random-greedy).
+    random-greedy and hyper).
     """
 
     def __init__(self, raw: dict[str, Any]):
@@ -174,6 +174,7 @@ def contract_path(
     seed: int = 0,
     trials: int = 32,
     temperature: float = 1.0,
+    subtree_size: int = 8,
     progress: bool | None = None,
 ) -> tuple[list[tuple[int, ...]], PathInfo]:
     """Finds a contraction order for ``eq`` without contracting anything.
@@ -181,13 +182,28 @@ def contract_path(
     ``operands`` are tensors/arrays, or their shapes with ``shapes=True``. ``optimize`` is
     ``"optimal"`` (exhaustive, proven cheapest over pairwise paths; up to 20 operands),
     ``"dp"`` (exact among paths without outer products), ``"greedy"``, ``"random-greedy"``
-    (``trials`` seeded trials, the first plain greedy, the cheapest kept), ``"auto"`` (optimal up
-    to 8 operands, the better of dp and greedy up to 12, greedy beyond) or an explicit path.
+    (``trials`` seeded trials, the first plain greedy, the cheapest kept), ``"hyper"`` (see
+    below), ``"auto"`` (optimal up to 8 operands, the better of dp and greedy up to 12, greedy
+    beyond) or an explicit path.
     ``memory_limit`` caps the elements of every intermediate (``"max_input"``: the largest
     operand); where no pairwise path fits, the path ends by contracting what is left in one step
     (``dp`` raises instead). ``time_limit`` (seconds) bounds the search: ``optimal`` and ``dp``
     then fall back to greedy (``info.optimizer`` says so), random-greedy stops starting trials.
     ``progress`` shows a progress bar for random-greedy (default: on for 100+ operands).
+
+    ``"hyper"`` is a hyper-optimizing search for large networks: each of ``trials`` trials runs
+    random-greedy's trial of the same ``seed`` (``temperature``) and a greedy whose temperature,
+    branching and cost weighting are drawn from ``(seed, trial)``, keeps the cheaper tree and
+    improves it by subtree reconfiguration: subtrees of up to ``subtree_size`` parts (3 to 12;
+    the exhaustive search grows as 3^parts) are replaced by their optimal contraction whenever
+    that is strictly cheaper, until a pass improves nothing; the best tree is then reconfigured
+    with subtrees two parts larger. Costs are exact and every step honours ``memory_limit``.
+    Without ``time_limit`` the path is a pure function of the network, ``seed``, ``trials``,
+    ``temperature``, ``subtree_size`` and ``memory_limit`` (on any thread count) and costs no
+    more than ``"greedy"`` or ``"random-greedy"`` with the same ``seed``, ``trials`` and
+    ``temperature``. ``time_limit`` is a budget: trials stop starting after 70% of it and
+    reconfiguration stops at its end, so the result then depends on the machine's speed (set
+    ``trials`` high to spend the whole budget). ``info.best_trial`` names the winning trial.
 
     Returns ``(path, info)`` in opt_einsum's linear format; ``info.opt_cost`` etc. are exact ints.
 
@@ -232,6 +248,14 @@ def contract_path(
         )
     if trials < 1:
         raise ArgumentError(f"contract_path: trials ({trials}) must be at least 1")
+    if (
+        isinstance(subtree_size, bool)
+        or not isinstance(subtree_size, int)
+        or not 3 <= subtree_size <= 12
+    ):
+        raise ArgumentError(
+            f"contract_path: subtree_size ({subtree_size!r}) must be an int in [3, 12]"
+        )
 
     def call(first: int = 0, count: int = trials, tl: float | None = time_limit) -> dict:
         return _core.contract_path(
@@ -246,6 +270,7 @@ def contract_path(
             first_trial=first,
             seed=int(seed) & (2**64 - 1),
             temperature=float(temperature),
+            subtree_size=subtree_size,
         )
 
     show = progress if progress is not None else len(shape_list) >= 100

@@ -6,12 +6,12 @@ use pyo3::types::{PyDict, PyInt, PyList, PyTuple};
 use spruce_core::tn::{self, MemoryLimit, Optimize, PathOptions};
 use spruce_core::Error;
 
-const OPTIMIZERS: &str = "'auto', 'optimal', 'dp', 'greedy' or 'random-greedy'";
+const OPTIMIZERS: &str = "'auto', 'optimal', 'dp', 'greedy', 'random-greedy' or 'hyper'";
 
 /// Finds a contraction path; returns a dict of plain Python values (see `spruce.contract_path`).
 #[pyfunction]
 #[pyo3(signature = (eq, shapes, optimize="auto", path=None, memory_limit=None, max_input=false,
-    time_limit=None, trials=32, first_trial=0, seed=0, temperature=1.0, nbranch=8))]
+    time_limit=None, trials=32, first_trial=0, seed=0, temperature=1.0, nbranch=8, subtree_size=8))]
 #[allow(clippy::too_many_arguments)]
 fn contract_path<'py>(
     py: Python<'py>,
@@ -27,6 +27,7 @@ fn contract_path<'py>(
     seed: u64,
     temperature: f64,
     nbranch: usize,
+    subtree_size: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
     let optimize = match (path, optimize) {
         (Some(p), _) => Optimize::Path(p),
@@ -35,6 +36,7 @@ fn contract_path<'py>(
         (None, "dp") => Optimize::Dp,
         (None, "greedy") => Optimize::Greedy,
         (None, "random-greedy") => Optimize::RandomGreedy { trials, first_trial, seed, temperature, nbranch },
+        (None, "hyper") => Optimize::Hyper { trials, seed, temperature, nbranch, subtree_size },
         (None, other) => {
             return Err(py_err(Error::arg("contract_path", "optimize", format!("{other:?}"), OPTIMIZERS)))
         }

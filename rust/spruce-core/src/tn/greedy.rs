@@ -86,6 +86,8 @@ pub(crate) struct Thermal {
     pub rng: Rng,
     pub temperature: f64,
     pub nbranch: usize,
+    /// Score `size(result) - costmod * (size(a) + size(b))`; 1 is the plain memory removed.
+    pub costmod: f64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -201,9 +203,17 @@ impl<const W: usize> Greedy<'_, W> {
             }
         }
         let removed = size12.sub(self.fp[k1 as usize]).sub(self.fp[k2 as usize]).ck()?;
+        let (f1, f2) = (self.fp[k1 as usize], self.fp[k2 as usize]);
         let score = match &mut self.thermal {
             None => Score::Exact(removed),
-            Some(t) => Score::Jittered(t.rng.gauss(1.0, 0.01) * removed.to_f64()),
+            Some(t) => {
+                let base = if t.costmod == 1.0 {
+                    removed.to_f64()
+                } else {
+                    size12.to_f64() - t.costmod * (f1.to_f64() + f2.to_f64())
+                };
+                Score::Jittered(t.rng.gauss(1.0, 0.01) * base)
+            }
         };
         let (s1, s2) = (self.ssa(k1), self.ssa(k2));
         let (k_lo, k_hi, id_lo, id_hi) = if s1 <= s2 { (k1, k2, s1, s2) } else { (k2, k1, s2, s1) };

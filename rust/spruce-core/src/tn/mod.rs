@@ -10,16 +10,19 @@
 //!
 //! Optimizers: `optimal` (exhaustive, proven optimal over pairwise paths, outer products
 //! included), `dp` (exact among paths without outer products), `greedy`, `random-greedy`
-//! (seeded trials, the first one plain greedy) and `auto` (optimal up to 8 operands, the better
-//! of dp and greedy up to 12, greedy beyond). Every optimizer honours a memory limit on
-//! intermediates; where no pairwise path fits, the path ends by contracting what is left in one
-//! step. A time limit bounds `optimal`, `dp` (both fall back to greedy) and `random-greedy`
-//! (which stops starting trials).
+//! (seeded trials, the first one plain greedy), `hyper` (greedy trials with varied settings,
+//! each tree improved by exact subtree reconfiguration; see [`hyper`]) and `auto` (optimal up to
+//! 8 operands, the better of dp and greedy up to 12, greedy beyond). Every optimizer honours a
+//! memory limit on intermediates; where no pairwise path fits, the path ends by contracting what
+//! is left in one step. A time limit bounds `optimal`, `dp` (both fall back to greedy),
+//! `random-greedy` (which stops starting trials) and `hyper` (trials stop after 70% of it,
+//! reconfiguration at the deadline).
 
 mod big;
 mod cost;
 mod dp;
 mod greedy;
+mod hyper;
 mod optimal;
 mod parse;
 
@@ -59,6 +62,15 @@ pub enum Optimize {
         seed: u64,
         temperature: f64,
         nbranch: usize,
+    },
+    /// Trials `0 .. trials` of greedy searches with varied settings, each reconfigured with
+    /// subtrees of at most `subtree_size` parts (3 to 12); see the `hyper` module.
+    Hyper {
+        trials: u64,
+        seed: u64,
+        temperature: f64,
+        nbranch: usize,
+        subtree_size: usize,
     },
     /// A path given by the caller (validated and costed).
     Path(Vec<Vec<usize>>),
@@ -104,7 +116,7 @@ pub struct PathInfo {
     pub largest_intermediate: String,
     /// The optimizer that produced the path (with the reason when it fell back).
     pub optimizer: String,
-    /// For random-greedy: the winning trial.
+    /// For random-greedy and hyper: the winning trial.
     pub best_trial: Option<u64>,
 }
 
@@ -183,6 +195,21 @@ pub fn contract_path(eq: &str, shapes: &[Vec<usize>], opts: &PathOptions) -> Res
         }
         if *nbranch == 0 {
             return Err(Error::arg(OP, "nbranch", 0, "at least 1"));
+        }
+    }
+    if let Optimize::Hyper { trials, temperature, nbranch, subtree_size, .. } = &opts.optimize {
+        if *trials == 0 {
+            return Err(Error::arg(OP, "trials", 0, "at least 1"));
+        }
+        if !(temperature.is_finite() && *temperature >= 0.0) {
+            return Err(Error::arg(OP, "temperature", temperature, "a finite number >= 0"));
+        }
+        if *nbranch == 0 {
+            return Err(Error::arg(OP, "nbranch", 0, "at least 1"));
+        }
+        let (lo, hi) = hyper::SUBTREE_SIZES;
+        if !(lo..=hi).contains(subtree_size) {
+            return Err(Error::arg(OP, "subtree_size", subtree_size, format!("in [{lo}, {hi}]")));
         }
     }
     macro_rules! attempt {
@@ -290,6 +317,7 @@ fn run<const W: usize>(
                             rng: greedy::Rng::new(*seed, t),
                             temperature: *temperature,
                             nbranch: *nbranch,
+                            costmod: 1.0,
                         });
                         let found = match greedy::greedy::<W>(net, limit_b, thermal) {
                             Ok(p) => Found::Ssa(p),
@@ -316,6 +344,18 @@ fn run<const W: usize>(
             let Some((t, p, _)) = best else { return Err(Fail::Timeout) };
             best_trial = Some(t);
             (p, "random-greedy".into())
+        }
+        Optimize::Hyper { trials, seed, temperature, nbranch, subtree_size } => {
+            let settings = hyper::Settings {
+                trials: *trials,
+                seed: *seed,
+                temperature: *temperature,
+                nbranch: *nbranch,
+                subtree_size: *subtree_size,
+            };
+            let (ssa, t) = hyper::hyper::<W>(net, limit_b, &settings, deadline)?;
+            best_trial = Some(t);
+            (ssa_to_linear(n, &ssa), "hyper".into())
         }
     };
     let e = evaluate::<W>(network, net, &path)?;

@@ -34,14 +34,16 @@ impl<const W: usize> Tables<'_, W> {
     }
 
     fn bits_size(&self, bits: impl Iterator<Item = u64>) -> Result<Big<W>, Fail> {
-        let mut dims = Vec::with_capacity(16);
-        for (w, mut word) in bits.enumerate() {
-            while word != 0 {
-                let b = word.trailing_zeros() as usize;
-                word &= word - 1;
-                dims.push(self.net.sizes[w * 64 + b]);
-            }
-        }
+        let sizes = &self.net.sizes;
+        let dims = bits.enumerate().flat_map(|(w, mut word)| {
+            std::iter::from_fn(move || {
+                (word != 0).then(|| {
+                    let b = word.trailing_zeros() as usize;
+                    word &= word - 1;
+                    sizes[w * 64 + b]
+                })
+            })
+        });
         Ok(Big::product(dims)?)
     }
 
