@@ -5,6 +5,7 @@ bfloat16 bits; bfloat16 results come back the same way. Errors are raised as the
 ``spruce.errors``.
 """
 
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -46,6 +47,7 @@ __all__ = [
     "butterfly_multiply_backward",
     "fwht",
     "contract_path",
+    "contract_path_steps",
     "graph_structure",
     "graph_norm",
     "spmm",
@@ -218,7 +220,7 @@ def fwht(x: _Floats, normalized: bool = ...) -> _Floats:
 
 def contract_path(
     eq: str,
-    shapes: list[list[int]],
+    shapes: Sequence[Sequence[int]],
     optimize: str = ...,
     path: list[tuple[int, ...]] | None = ...,
     memory_limit: float | None = ...,
@@ -232,6 +234,11 @@ def contract_path(
     subtree_size: int = ...,
 ) -> dict[str, Any]:
     """A contraction order for an einsum equation and its cost (``opt_einsum`` conventions)."""
+
+def contract_path_steps(
+    eq: str, shapes: Sequence[Sequence[int]], path: Sequence[Sequence[int]]
+) -> dict[str, list[Any]]:
+    """A path step by step: positions, einsum, removed, cost, scale and size columns."""
 
 # Graphs and distillation
 

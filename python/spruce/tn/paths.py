@@ -53,7 +53,9 @@ class PathInfo:
         self.input_subscripts: str = raw["input_subscripts"]
         self.output_subscript: str = raw["output_subscript"]
         self.eq = f"{self.input_subscripts}->{self.output_subscript}"
-        self._size_dict = raw["size_dict"]
+        self._symbols: str = raw["symbols"]
+        self._sizes: list[int] = raw["sizes"]
+        self._size_dict: dict[str, int] | None = None
         self.opt_cost: int = raw["opt_cost"]
         self.naive_cost: int = raw["naive_cost"]
         try:
@@ -63,7 +65,7 @@ class PathInfo:
         self.largest_intermediate: int = raw["largest_intermediate"]
         self.optimizer: str = raw["optimizer"]
         self.best_trial: int | None = raw["best_trial"]
-        self._steps_raw = raw["steps"]
+        self._steps_raw: dict[str, list[Any]] | None = None
         self._steps: list[ContractionStep] | None = None
 
     # Derived fields are computed on first use: on networks of hundreds of tensors building them
@@ -71,8 +73,8 @@ class PathInfo:
 
     @property
     def size_dict(self) -> dict[str, int]:
-        if not isinstance(self._size_dict, dict):
-            self._size_dict = dict(self._size_dict)
+        if self._size_dict is None:
+            self._size_dict = dict(zip(self._symbols, self._sizes, strict=True))
         return self._size_dict
 
     @property
@@ -84,10 +86,19 @@ class PathInfo:
         sizes = self.size_dict
         return [tuple(sizes[c] for c in term) for term in self.input_subscripts.split(",")]
 
+    def _columns(self) -> dict[str, list[Any]]:
+        # The step report is built by the native layer on first use, from the expanded
+        # equation and the index sizes (the network the path was found for).
+        if self._steps_raw is None:
+            self._steps_raw = _core.contract_path_steps(
+                self.eq, [list(s) for s in self.shapes], self.path
+            )
+        return self._steps_raw
+
     @property
     def steps(self) -> list[ContractionStep]:
         if self._steps is None:
-            r = self._steps_raw
+            r = self._columns()
             self._steps = [
                 ContractionStep(p, e, rm, int(c), s, int(z))
                 for p, e, rm, c, s, z in zip(
@@ -109,11 +120,11 @@ class PathInfo:
 
     @property
     def scale_list(self) -> list[int]:
-        return list(self._steps_raw["scale"])
+        return list(self._columns()["scale"])
 
     @property
     def size_list(self) -> list[int]:
-        return [int(z) for z in self._steps_raw["size"]]
+        return [int(z) for z in self._columns()["size"]]
 
     def __repr__(self) -> str:
         lines = [
@@ -213,15 +224,17 @@ def contract_path(
     """
     if not isinstance(eq, str):
         raise ArgumentError(f"contract_path: eq ({eq!r}) must be an einsum equation string")
+    shape_list: Sequence[Sequence[int]]
     if shapes:
-        shape_list = []
         for s in operands:
             if hasattr(s, "shape"):
                 raise ArgumentError(
                     "contract_path: shapes=True but an operand has a shape attribute (an array); "
                     "pass tuples of ints"
                 )
-            shape_list.append([int(d) for d in s])
+        # Sequences of ints go to the native layer as given; anything else (e.g. floats or
+        # iterables that are not sequences) is converted with int() below if it refuses them.
+        shape_list = operands
     else:
         shape_list = [_shape_of(x) for x in operands]
     limit, max_input = _memory(memory_limit)
@@ -257,10 +270,12 @@ def contract_path(
             f"contract_path: subtree_size ({subtree_size!r}) must be an int in [3, 12]"
         )
 
-    def call(first: int = 0, count: int = trials, tl: float | None = time_limit) -> dict:
+    def native(
+        shape_arg: Sequence[Sequence[int]], first: int, count: int, tl: float | None
+    ) -> dict:
         return _core.contract_path(
             eq,
-            shape_list,
+            shape_arg,
             name,
             path=explicit,
             memory_limit=limit,
@@ -272,6 +287,16 @@ def contract_path(
             temperature=float(temperature),
             subtree_size=subtree_size,
         )
+
+    def call(first: int = 0, count: int = trials, tl: float | None = time_limit) -> dict:
+        nonlocal shape_list
+        try:
+            return native(shape_list, first, count, tl)
+        except (TypeError, OverflowError):
+            if shape_list is not operands:
+                raise
+            shape_list = [[int(d) for d in s] for s in operands]
+            return native(shape_list, first, count, tl)
 
     show = progress if progress is not None else len(shape_list) >= 100
     if name != "random-greedy" or explicit is not None or not show or trials <= _CHUNK:

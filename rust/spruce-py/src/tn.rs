@@ -8,7 +8,8 @@ use spruce_core::Error;
 
 const OPTIMIZERS: &str = "'auto', 'optimal', 'dp', 'greedy', 'random-greedy' or 'hyper'";
 
-/// Finds a contraction path; returns a dict of plain Python values (see `spruce.contract_path`).
+/// Finds a contraction path; returns a dict of plain Python values (see `spruce.contract_path`;
+/// the steps: `contract_path_steps`).
 #[pyfunction]
 #[pyo3(signature = (eq, shapes, optimize="auto", path=None, memory_limit=None, max_input=false,
     time_limit=None, trials=32, first_trial=0, seed=0, temperature=1.0, nbranch=8, subtree_size=8))]
@@ -60,25 +61,10 @@ fn contract_path<'py>(
     d.set_item("path", path)?;
     d.set_item("input_subscripts", &info.input_subscripts)?;
     d.set_item("output_subscript", &info.output_subscript)?;
-    let sizes = PyDict::new(py);
-    for (c, s) in &info.size_dict {
-        sizes.set_item(c.to_string(), s)?;
-    }
-    d.set_item("size_dict", sizes)?;
-    // Steps as columns (cheaper to build than one dict per step); costs and sizes as decimal
-    // strings, turned into ints by the Python layer when read.
-    let positions = PyList::empty(py);
-    for s in &info.steps {
-        positions.append(PyTuple::new(py, &s.positions)?)?;
-    }
-    let steps = PyDict::new(py);
-    steps.set_item("positions", positions)?;
-    steps.set_item("einsum", info.steps.iter().map(|s| s.einsum.as_str()).collect::<Vec<_>>())?;
-    steps.set_item("removed", info.steps.iter().map(|s| s.removed.as_str()).collect::<Vec<_>>())?;
-    steps.set_item("cost", info.steps.iter().map(|s| s.cost.as_str()).collect::<Vec<_>>())?;
-    steps.set_item("scale", info.steps.iter().map(|s| s.scale).collect::<Vec<_>>())?;
-    steps.set_item("size", info.steps.iter().map(|s| s.size.as_str()).collect::<Vec<_>>())?;
-    d.set_item("steps", steps)?;
+    // The index sizes as a string of symbols and a list of sizes (the Python layer builds the
+    // dict on first use).
+    d.set_item("symbols", info.size_dict.iter().map(|(c, _)| *c).collect::<String>())?;
+    d.set_item("sizes", info.size_dict.iter().map(|(_, s)| *s).collect::<Vec<_>>())?;
     d.set_item("opt_cost", int(py, &info.opt_cost)?)?;
     d.set_item("naive_cost", int(py, &info.naive_cost)?)?;
     d.set_item("largest_intermediate", int(py, &info.largest_intermediate)?)?;
@@ -87,7 +73,33 @@ fn contract_path<'py>(
     Ok(d)
 }
 
+/// Reports a path step by step, as columns: positions, einsum, removed, cost and size
+/// (decimal strings, turned into ints by the Python layer when read), scale.
+#[pyfunction]
+fn contract_path_steps<'py>(
+    py: Python<'py>,
+    eq: &str,
+    shapes: Vec<Vec<usize>>,
+    path: Vec<Vec<usize>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let eq = eq.to_string();
+    let steps = py.detach(|| tn::path_steps(&eq, &shapes, &path)).map_err(py_err)?;
+    let positions = PyList::empty(py);
+    for s in &steps {
+        positions.append(PyTuple::new(py, &s.positions)?)?;
+    }
+    let d = PyDict::new(py);
+    d.set_item("positions", positions)?;
+    d.set_item("einsum", steps.iter().map(|s| s.einsum.as_str()).collect::<Vec<_>>())?;
+    d.set_item("removed", steps.iter().map(|s| s.removed.as_str()).collect::<Vec<_>>())?;
+    d.set_item("cost", steps.iter().map(|s| s.cost.as_str()).collect::<Vec<_>>())?;
+    d.set_item("scale", steps.iter().map(|s| s.scale).collect::<Vec<_>>())?;
+    d.set_item("size", steps.iter().map(|s| s.size.as_str()).collect::<Vec<_>>())?;
+    Ok(d)
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(contract_path, m)?)?;
+    m.add_function(wrap_pyfunction!(contract_path_steps, m)?)?;
     Ok(())
 }

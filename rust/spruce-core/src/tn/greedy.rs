@@ -10,43 +10,72 @@
 
 use super::big::Big;
 use super::cost::Net;
+use super::hash::{FastMap, FxHasher};
 use super::Fail;
 use crate::rng;
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::BinaryHeap;
+use std::hash::Hasher;
 
-/// A fast multiplicative hasher for index sets (interning is on the hot path).
+const NONE: u32 = u32::MAX;
+
+/// Index sets interned by content: each distinct set gets a dense id, in order of first
+/// appearance. The sets live in one arena; a hash table maps a set's hash to the first id
+/// with that hash and `chain` links the others, so interning allocates nothing per set.
 #[derive(Default)]
-pub(crate) struct FxHasher(u64);
+pub(crate) struct Interner {
+    data: Vec<u32>,
+    span: Vec<(usize, usize)>,
+    first: FastMap<u64, u32>,
+    chain: Vec<u32>,
+}
 
-impl Hasher for FxHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(w));
+impl Interner {
+    pub fn with_capacity(sets: usize, elems: usize) -> Self {
+        Interner {
+            data: Vec::with_capacity(elems),
+            span: Vec::with_capacity(sets),
+            first: FastMap::with_capacity_and_hasher(sets, Default::default()),
+            chain: Vec::with_capacity(sets),
         }
     }
 
-    fn write_u32(&mut self, v: u32) {
-        self.write_u64(v as u64);
+    /// The set with id `k`.
+    #[inline]
+    pub fn get(&self, k: u32) -> &[u32] {
+        let (start, len) = self.span[k as usize];
+        &self.data[start..start + len]
     }
 
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.span.len()
     }
 
-    fn write_usize(&mut self, v: usize) {
-        self.write_u64(v as u64);
+    /// The id of `set` and whether it is new.
+    pub fn intern(&mut self, set: &[u32]) -> (u32, bool) {
+        let mut h = FxHasher::default();
+        h.write_usize(set.len());
+        for &x in set {
+            h.write_u32(x);
+        }
+        let h = h.finish();
+        let head = self.first.get(&h).copied().unwrap_or(NONE);
+        let mut k = head;
+        while k != NONE {
+            if self.get(k) == set {
+                return (k, false);
+            }
+            k = self.chain[k as usize];
+        }
+        let id = self.span.len() as u32;
+        self.span.push((self.data.len(), set.len()));
+        self.data.extend_from_slice(set);
+        self.chain.push(head);
+        self.first.insert(h, id);
+        (id, true)
     }
 }
-
-type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
 /// Counter-based random numbers for one trial.
 pub(crate) struct Rng {
@@ -113,15 +142,30 @@ impl<const W: usize> Score<W> {
     }
 }
 
-#[derive(Clone, Debug)]
-struct Cand<const W: usize> {
+/// A candidate pair without its result set: what candidates of one push are compared by.
+#[derive(Clone, Copy, Debug)]
+struct Head<const W: usize> {
     score: Score<W>,
     id_hi: u32,
     id_lo: u32,
-    seq: u64,
     k_lo: u32,
     k_hi: u32,
-    k12: Vec<u32>,
+}
+
+impl<const W: usize> Head<W> {
+    fn cmp_key(&self, o: &Self) -> Ordering {
+        self.score.cmp(&o.score).then(self.id_hi.cmp(&o.id_hi)).then(self.id_lo.cmp(&o.id_lo))
+    }
+}
+
+/// A queued candidate; `seq` (creation order) breaks the remaining ties. Its result set is
+/// `len` entries of the candidate arena from `start`.
+#[derive(Clone, Copy, Debug)]
+struct Cand<const W: usize> {
+    head: Head<W>,
+    seq: u64,
+    start: usize,
+    len: usize,
 }
 
 impl<const W: usize> PartialEq for Cand<W> {
@@ -137,66 +181,95 @@ impl<const W: usize> PartialOrd for Cand<W> {
 }
 impl<const W: usize> Ord for Cand<W> {
     fn cmp(&self, o: &Self) -> Ordering {
-        self.score
-            .cmp(&o.score)
-            .then(self.id_hi.cmp(&o.id_hi))
-            .then(self.id_lo.cmp(&o.id_lo))
-            .then(self.seq.cmp(&o.seq))
+        self.head.cmp_key(&o.head).then(self.seq.cmp(&o.seq))
     }
 }
 
 struct Greedy<'a, const W: usize> {
     net: &'a Net,
     out: Vec<bool>,
-    keys: Vec<Vec<u32>>,
-    key_map: FastMap<Vec<u32>, u32>,
+    keys: Interner,
     key_ssa: Vec<Option<u32>>,
     fp: Vec<Big<W>>,
     dim_keys: Vec<Vec<u32>>,
+    /// Per index: 255 for an output index, else how many live keys hold it (at most 254);
+    /// an index of a pair's result is kept while `need >= 2` (one side) or `>= 3` (both).
+    need: Vec<u8>,
     limit: Option<Big<W>>,
     thermal: Option<Thermal>,
     heap: BinaryHeap<Reverse<Cand<W>>>,
     seq: u64,
+    /// Result sets of queued candidates.
+    arena: Vec<u32>,
+    /// Scratch result sets of [`Greedy::push`] (the one being built, the best so far).
+    buf: Vec<u32>,
+    best_buf: Vec<u32>,
+    /// Neighbour collection: `mark[k] == gen` when key `k` is already listed.
+    mark: Vec<u32>,
+    gen: u32,
 }
 
 impl<const W: usize> Greedy<'_, W> {
-    fn intern(&mut self, set: Vec<u32>) -> Result<u32, Fail> {
-        if let Some(&k) = self.key_map.get(&set) {
-            return Ok(k);
+    fn intern(&mut self, set: &[u32]) -> Result<u32, Fail> {
+        let (k, new) = self.keys.intern(set);
+        if new {
+            self.fp.push(self.net.size::<W>(set)?);
+            self.key_ssa.push(None);
+            self.mark.push(0);
         }
-        let k = self.keys.len() as u32;
-        self.fp.push(self.net.size::<W>(&set)?);
-        self.key_map.insert(set.clone(), k);
-        self.keys.push(set);
-        self.key_ssa.push(None);
         Ok(k)
     }
 
-    fn candidate(&mut self, k1: u32, k2: u32) -> Result<Option<Cand<W>>, Fail> {
-        let (a, b) = (&self.keys[k1 as usize], &self.keys[k2 as usize]);
-        let mut k12 = Vec::with_capacity(a.len() + b.len());
-        let (mut i, mut j) = (0, 0);
-        let keep = |d: u32, both: bool| -> bool {
-            let du = d as usize;
-            self.out[du] || self.dim_keys[du].len() >= if both { 3 } else { 2 }
-        };
-        while i < a.len() || j < b.len() {
-            let (d, both) = if j >= b.len() || (i < a.len() && a[i] < b[j]) {
-                i += 1;
-                (a[i - 1], false)
-            } else if i >= a.len() || b[j] < a[i] {
-                j += 1;
-                (b[j - 1], false)
-            } else {
-                i += 1;
-                j += 1;
-                (a[i - 1], true)
-            };
-            if keep(d, both) {
-                k12.push(d);
-            }
+    fn dim_add(&mut self, d: usize, k: u32) {
+        self.dim_keys[d].push(k);
+        self.need[d] = self.dim_keys[d].len().min(254) as u8;
+    }
+
+    fn dim_remove(&mut self, d: usize, k: u32) {
+        if let Some(p) = self.dim_keys[d].iter().position(|&x| x == k) {
+            self.dim_keys[d].swap_remove(p);
         }
-        let size12 = self.net.size::<W>(&k12)?;
+        self.need[d] = self.dim_keys[d].len().min(254) as u8;
+    }
+
+    /// Scores contracting keys `k1` and `k2`, leaving the result's indices in `k12`; `None`
+    /// when the result exceeds the memory limit. The merge of the two sorted sets is
+    /// branch-free, and the result's size is multiplied up as it goes (in u64 chunks, as
+    /// [`Big::product`] does).
+    fn candidate(&mut self, k1: u32, k2: u32, k12: &mut Vec<u32>) -> Result<Option<Head<W>>, Fail> {
+        let (a, b) = (self.keys.get(k1), self.keys.get(k2));
+        let (need, sizes) = (&self.need, &self.net.sizes);
+        k12.clear();
+        k12.resize(a.len() + b.len(), 0);
+        let mut len = 0;
+        let mut acc = Big::<W>::one();
+        let mut chunk = 1u64;
+        let mut take = |d: u32, both: bool, len: &mut usize| -> Result<(), Fail> {
+            let keep = need[d as usize] >= 2 + both as u8;
+            k12[*len] = d;
+            *len += keep as usize;
+            let m = if keep { sizes[d as usize] } else { 1 };
+            match chunk.checked_mul(m) {
+                Some(c) => chunk = c,
+                None => {
+                    acc = acc.mul_u64(chunk).ck()?;
+                    chunk = m;
+                }
+            }
+            Ok(())
+        };
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() && j < b.len() {
+            let (x, y) = (a[i], b[j]);
+            i += (x <= y) as usize;
+            j += (y <= x) as usize;
+            take(x.min(y), x == y, &mut len)?;
+        }
+        for &d in a[i..].iter().chain(&b[j..]) {
+            take(d, false, &mut len)?;
+        }
+        let size12 = acc.mul_u64(chunk).ck()?;
+        k12.truncate(len);
         if let Some(l) = self.limit {
             if size12 > l {
                 return Ok(None);
@@ -217,33 +290,45 @@ impl<const W: usize> Greedy<'_, W> {
         };
         let (s1, s2) = (self.ssa(k1), self.ssa(k2));
         let (k_lo, k_hi, id_lo, id_hi) = if s1 <= s2 { (k1, k2, s1, s2) } else { (k2, k1, s2, s1) };
+        Ok(Some(Head { score, id_hi, id_lo, k_lo, k_hi }))
+    }
+
+    fn enqueue(&mut self, head: Head<W>, k12: &[u32]) {
         self.seq += 1;
-        Ok(Some(Cand { score, id_hi, id_lo, seq: self.seq, k_lo, k_hi, k12 }))
+        let (start, len) = (self.arena.len(), k12.len());
+        self.arena.extend_from_slice(k12);
+        self.heap.push(Reverse(Cand { head, seq: self.seq, start, len }));
     }
 
     fn ssa(&self, k: u32) -> u32 {
         self.key_ssa[k as usize].unwrap_or(u32::MAX)
     }
 
+    /// Queues the candidates of `k1` with each of `k2s`: all of them when randomized, else
+    /// the best one.
     fn push(&mut self, k1: u32, k2s: &[u32]) -> Result<(), Fail> {
-        let mut best: Option<Cand<W>> = None;
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut best_buf = std::mem::take(&mut self.best_buf);
+        let mut best: Option<Head<W>> = None;
         for &k2 in k2s {
-            if let Some(c) = self.candidate(k1, k2)? {
-                if self.thermal.is_some() {
-                    self.heap.push(Reverse(c));
-                } else if best.as_ref().is_none_or(|b| c < *b) {
-                    best = Some(c);
-                }
+            let Some(h) = self.candidate(k1, k2, &mut buf)? else { continue };
+            if self.thermal.is_some() {
+                self.enqueue(h, &buf);
+            } else if best.as_ref().is_none_or(|b| h.cmp_key(b) == Ordering::Less) {
+                best = Some(h);
+                std::mem::swap(&mut buf, &mut best_buf);
             }
         }
-        if let Some(c) = best {
-            self.heap.push(Reverse(c));
+        if let Some(h) = best {
+            self.enqueue(h, &best_buf);
         }
+        self.buf = buf;
+        self.best_buf = best_buf;
         Ok(())
     }
 
     fn valid(&self, c: &Cand<W>) -> bool {
-        self.key_ssa[c.k_lo as usize].is_some() && self.key_ssa[c.k_hi as usize].is_some()
+        self.key_ssa[c.head.k_lo as usize].is_some() && self.key_ssa[c.head.k_hi as usize].is_some()
     }
 
     fn choose(&mut self) -> Option<Cand<W>> {
@@ -263,12 +348,12 @@ impl<const W: usize> Greedy<'_, W> {
             return choices.pop();
         }
         let th = self.thermal.as_mut()?;
-        let cmin = choices[0].score.f64();
+        let cmin = choices[0].head.score.f64();
         let temp = th.temperature * cmin.abs().max(1.0);
         let weights: Vec<f64> = choices
             .iter()
             .map(|c| {
-                let v = c.score.f64();
+                let v = c.head.score.f64();
                 if temp == 0.0 {
                     (v == cmin) as u8 as f64
                 } else {
@@ -316,24 +401,36 @@ pub(crate) fn greedy<const W: usize>(
             out[i] = true;
         }
     }
+    let mut need = vec![0u8; nidx];
+    for (d, o) in out.iter().enumerate() {
+        if *o {
+            need[d] = 255;
+        }
+    }
+    let elems: usize = net.sets.iter().map(Vec::len).sum();
     let mut g = Greedy::<W> {
         net,
         out,
-        keys: vec![],
-        key_map: FastMap::default(),
-        key_ssa: vec![],
-        fp: vec![],
+        keys: Interner::with_capacity(2 * n, 4 * elems),
+        key_ssa: Vec::with_capacity(2 * n),
+        fp: Vec::with_capacity(2 * n),
         dim_keys: vec![vec![]; nidx],
+        need,
         limit,
         thermal,
-        heap: BinaryHeap::new(),
+        heap: BinaryHeap::with_capacity(4 * n),
         seq: 0,
+        arena: Vec::with_capacity(8 * elems),
+        buf: vec![],
+        best_buf: vec![],
+        mark: Vec::with_capacity(2 * n),
+        gen: 0,
     };
     let mut next = n as u32;
     let mut path: Vec<Vec<u32>> = Vec::with_capacity(2 * n);
     let mut order: Vec<u32> = vec![];
     for (id, s) in net.sets.iter().enumerate() {
-        let k = g.intern(s.clone())?;
+        let k = g.intern(s)?;
         match g.key_ssa[k as usize] {
             Some(prev) => {
                 if let Some(l) = limit {
@@ -352,57 +449,64 @@ pub(crate) fn greedy<const W: usize>(
         }
     }
     for &k in &order {
-        for &d in &g.keys[k as usize] {
-            if !g.out[d as usize] {
-                g.dim_keys[d as usize].push(k);
+        for idx in 0..g.keys.get(k).len() {
+            let d = g.keys.get(k)[idx] as usize;
+            if !g.out[d] {
+                g.dim_add(d, k);
             }
         }
     }
+    let mut ks: Vec<u32> = vec![];
     for d in 0..nidx {
         if g.dim_keys[d].len() < 2 {
             continue;
         }
-        let mut ks = g.dim_keys[d].clone();
+        ks.clear();
+        ks.extend_from_slice(&g.dim_keys[d]);
         ks.sort_unstable_by_key(|&k| g.ssa(k));
         for i in 0..ks.len() - 1 {
             g.push(ks[i], &ks[i + 1..])?;
         }
     }
 
+    let mut k2s: Vec<u32> = vec![];
+    let mut set: Vec<u32> = vec![];
     while !g.heap.is_empty() {
         let Some(c) = g.choose() else { continue };
-        let (k1, k2) = (c.k_lo, c.k_hi);
+        let (k1, k2) = (c.head.k_lo, c.head.k_hi);
         let s1 = g.key_ssa[k1 as usize].take().unwrap_or(u32::MAX);
         let s2 = g.key_ssa[k2 as usize].take().unwrap_or(u32::MAX);
         for k in [k1, k2] {
-            for idx in 0..g.keys[k as usize].len() {
-                let d = g.keys[k as usize][idx] as usize;
+            for idx in 0..g.keys.get(k).len() {
+                let d = g.keys.get(k)[idx] as usize;
                 if !g.out[d] {
-                    if let Some(p) = g.dim_keys[d].iter().position(|&x| x == k) {
-                        g.dim_keys[d].swap_remove(p);
-                    }
+                    g.dim_remove(d, k);
                 }
             }
         }
         path.push(vec![s1, s2]);
-        let k12 = g.intern(c.k12)?;
+        set.clear();
+        set.extend_from_slice(&g.arena[c.start..c.start + c.len]);
+        let k12 = g.intern(&set)?;
         if let Some(prev) = g.key_ssa[k12 as usize] {
             path.push(vec![prev, next]);
             next += 1;
         } else {
-            for idx in 0..g.keys[k12 as usize].len() {
-                let d = g.keys[k12 as usize][idx] as usize;
-                if !g.out[d] {
-                    g.dim_keys[d].push(k12);
+            for &d in &set {
+                if !g.out[d as usize] {
+                    g.dim_add(d as usize, k12);
                 }
             }
         }
         g.key_ssa[k12 as usize] = Some(next);
         next += 1;
-        let mut k2s: Vec<u32> = vec![];
-        for &d in &g.keys[k12 as usize] {
+        k2s.clear();
+        g.gen += 1;
+        g.mark[k12 as usize] = g.gen;
+        for &d in &set {
             for &k in &g.dim_keys[d as usize] {
-                if k != k12 && !k2s.contains(&k) {
+                if g.mark[k as usize] != g.gen {
+                    g.mark[k as usize] = g.gen;
                     k2s.push(k);
                 }
             }
@@ -425,7 +529,7 @@ pub(crate) fn greedy<const W: usize>(
     let mut fin: BinaryHeap<Reverse<(Big<W>, u32, Vec<u32>)>> = BinaryHeap::new();
     for (k, s) in g.key_ssa.iter().enumerate() {
         if let Some(id) = s {
-            let set = and_out(&g.keys[k], &g.out);
+            let set = and_out(g.keys.get(k as u32), &g.out);
             fin.push(Reverse((net.size::<W>(&set)?, *id, set)));
         }
     }
@@ -459,4 +563,29 @@ pub(crate) fn greedy<const W: usize>(
         }
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interner_gives_dense_ids_by_content() {
+        let mut it = Interner::with_capacity(1, 1);
+        assert_eq!(it.intern(&[1, 5, 9]), (0, true));
+        assert_eq!(it.intern(&[]), (1, true));
+        assert_eq!(it.intern(&[1, 5]), (2, true));
+        assert_eq!(it.intern(&[1, 5, 9]), (0, false));
+        assert_eq!(it.intern(&[]), (1, false));
+        assert_eq!(it.get(2), &[1, 5]);
+        assert_eq!(it.get(1), &[] as &[u32]);
+        // Many sets, every one found again with its own id (hash chains included).
+        let sets: Vec<Vec<u32>> = (0..2000u32).map(|i| (0..=i % 7).map(|j| j * 1000 + i).collect()).collect();
+        let ids: Vec<u32> = sets.iter().map(|s| it.intern(s).0).collect();
+        assert_eq!(it.len(), 3 + 2000);
+        for (s, &id) in sets.iter().zip(&ids) {
+            assert_eq!(it.intern(s), (id, false));
+            assert_eq!(it.get(id), s.as_slice());
+        }
+    }
 }

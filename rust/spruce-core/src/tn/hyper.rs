@@ -478,7 +478,7 @@ pub(crate) fn hyper<const W: usize>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::cost::{evaluate, ssa_to_linear};
+    use super::super::cost::{report, ssa_to_linear, totals};
     use super::super::parse::parse;
     use super::*;
 
@@ -517,13 +517,13 @@ mod tests {
             let ctx = Ctx::<2>::new(&net, None);
             let mut tree = greedy_tree(&ctx, Some(drawn(seed, 1))).ok().unwrap();
             let before = tree.total;
-            let e0 = evaluate::<2>(&network, &net, &ssa_to_linear(40, &ctx.ssa(&tree))).ok().unwrap();
+            let e0 = totals::<2>(&net, &ssa_to_linear(40, &ctx.ssa(&tree))).ok().unwrap();
             assert_eq!(e0.opt_cost, before);
             for size in [3, 6, 9] {
                 let prev = tree.total;
                 ctx.reconfigure(&mut tree, size, Some(seed), &Deadline(None)).ok().unwrap();
                 assert!(tree.total <= prev);
-                let e = evaluate::<2>(&network, &net, &ssa_to_linear(40, &ctx.ssa(&tree))).ok().unwrap();
+                let e = totals::<2>(&net, &ssa_to_linear(40, &ctx.ssa(&tree))).ok().unwrap();
                 assert_eq!(e.opt_cost, tree.total, "tree cost is exact");
             }
             assert!(tree.total < before, "seed {seed}: reconfiguration improved nothing");
@@ -562,8 +562,8 @@ mod tests {
         let mut tree = greedy_tree(&ctx, None).ok().unwrap();
         ctx.reconfigure(&mut tree, 8, None, &Deadline(None)).ok().unwrap();
         let p = ssa_to_linear(30, &ctx.ssa(&tree));
-        let e = evaluate::<2>(&network, &net, &p).ok().unwrap();
-        for st in &e.steps[..e.steps.len() - 1] {
+        let steps = report::<2>(&network, &net, &p).ok().unwrap();
+        for st in &steps[..steps.len() - 1] {
             assert!(st.size <= limit);
         }
     }

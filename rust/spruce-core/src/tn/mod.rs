@@ -17,11 +17,18 @@
 //! is left in one step. A time limit bounds `optimal`, `dp` (both fall back to greedy),
 //! `random-greedy` (which stops starting trials) and `hyper` (trials stop after 70% of it,
 //! reconfiguration at the deadline).
+//!
+//! Exact integers are fixed-width ([`big::Big`]); each stage (the search, the totals of the
+//! path, the naive cost, the step report) starts at the narrowest width its numbers are likely
+//! to fit and retries wider when they do not, so a huge naive cost never slows the search.
+//! [`contract_path`] returns the path and its totals; [`path_steps`] reports a path step by
+//! step (einsum equations, costs), on request.
 
 mod big;
 mod cost;
 mod dp;
 mod greedy;
+mod hash;
 mod hyper;
 mod optimal;
 mod parse;
@@ -30,7 +37,7 @@ pub use parse::{parse, Network};
 
 use crate::{parallel, Error, Result};
 use big::{Big, Overflow};
-use cost::{evaluate, naive_cost, ssa_to_linear, Eval, Net};
+use cost::{naive_cost, report, ssa_to_linear, totals, Net, Totals};
 use rayon::prelude::*;
 use std::time::{Duration, Instant};
 
@@ -102,7 +109,7 @@ pub struct PathStep {
     pub size: String,
 }
 
-/// A path and what it costs.
+/// A path and what it costs (its steps: [`path_steps`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PathInfo {
     pub path: Vec<Vec<usize>>,
@@ -110,7 +117,6 @@ pub struct PathInfo {
     pub output_subscript: String,
     /// Each index's symbol and size, in order of first appearance.
     pub size_dict: Vec<(char, u64)>,
-    pub steps: Vec<PathStep>,
     pub opt_cost: String,
     pub naive_cost: String,
     pub largest_intermediate: String,
@@ -154,8 +160,61 @@ impl Deadline {
     }
 }
 
-/// One random-greedy trial: its path and evaluation, or `None` when the time limit skipped it.
-type TrialResult<const W: usize> = std::result::Result<Option<(Vec<Vec<usize>>, Eval<W>)>, Fail>;
+/// One random-greedy trial: its path and totals, or `None` when the time limit skipped it.
+type TrialResult<const W: usize> = std::result::Result<Option<(Vec<Vec<usize>>, Totals<W>)>, Fail>;
+
+/// Evaluates `$body`, an expression generic over the integer width `$w` (limbs), at widths
+/// from `$start` up (2, 4, ..., 64) while it fails with [`Fail::Overflow`].
+macro_rules! widen {
+    ($start:expr, $w:ident => $body:expr) => {{
+        let start: usize = $start;
+        let mut r = Err(Fail::Overflow);
+        if start <= 2 {
+            const $w: usize = 2;
+            r = $body;
+        }
+        if start <= 4 && matches!(r, Err(Fail::Overflow)) {
+            const $w: usize = 4;
+            r = $body;
+        }
+        if start <= 8 && matches!(r, Err(Fail::Overflow)) {
+            const $w: usize = 8;
+            r = $body;
+        }
+        if start <= 16 && matches!(r, Err(Fail::Overflow)) {
+            const $w: usize = 16;
+            r = $body;
+        }
+        if start <= 32 && matches!(r, Err(Fail::Overflow)) {
+            const $w: usize = 32;
+            r = $body;
+        }
+        if matches!(r, Err(Fail::Overflow)) {
+            const $w: usize = 64;
+            r = $body;
+        }
+        r
+    }};
+}
+
+/// The narrowest width (limbs) whose range holds `bits`-bit magnitudes.
+fn width_for(bits: u64) -> usize {
+    [2usize, 4, 8, 16, 32].into_iter().find(|&w| bits < 64 * w as u64 - 8).unwrap_or(64)
+}
+
+/// Maps a stage's failure to the caller's error.
+fn fail_to_error(f: Fail, eq: &str, optimize: &Optimize) -> Error {
+    match f {
+        Fail::Error(e) => e,
+        Fail::Overflow => Error::arg(OP, "operands", eq, "a network whose sizes and costs stay below 2^4000"),
+        other => Error::arg(
+            OP,
+            "optimize",
+            format!("{optimize:?}"),
+            format!("a search that completes ({other:?})"),
+        ),
+    }
+}
 
 enum Found {
     Ssa(Vec<Vec<u32>>),
@@ -212,27 +271,54 @@ pub fn contract_path(eq: &str, shapes: &[Vec<usize>], opts: &PathOptions) -> Res
             return Err(Error::arg(OP, "subtree_size", subtree_size, format!("in [{lo}, {hi}]")));
         }
     }
-    macro_rules! attempt {
-        ($($w:literal),*) => {
-            $(
-                match run::<$w>(&network, &net, limit, opts, &deadline) {
-                    Ok(info) => return Ok(info),
-                    Err(Fail::Overflow) => {}
-                    Err(Fail::Error(e)) => return Err(e),
-                    Err(other) => {
-                        return Err(Error::arg(OP, "optimize", format!("{:?}", opts.optimize), format!("a search that completes ({other:?})")))
-                    }
-                }
-            )*
-        };
+    let err = |f: Fail| fail_to_error(f, eq, &opts.optimize);
+    let space_bits = net.space_bits();
+    // Searches mostly fit 128 bits on small networks; larger ones start at 256.
+    let (path, optimizer, best_trial, width) =
+        widen!(if space_bits <= 120 { 2 } else { 4 }, W => search::<W>(&net, limit, opts, &deadline).map(|(p, o, t)| (p, o, t, W)))
+            .map_err(err)?;
+    let (opt_cost, largest_intermediate) =
+        widen!(width, W => totals::<W>(&net, &path).map(|t| (t.opt_cost.to_dec(), t.largest.to_dec())))
+            .map_err(err)?;
+    // Every index at once: at most `space_bits` bits times a factor below 2^64.
+    let naive_cost =
+        widen!(width_for(space_bits + 64), W => naive_cost::<W>(&net).map(|c| c.to_dec())).map_err(err)?;
+    Ok(PathInfo {
+        path,
+        input_subscripts: network.input_subscripts(),
+        output_subscript: network.output_subscript(),
+        size_dict: network.symbols.iter().copied().zip(network.sizes.iter().copied()).collect(),
+        opt_cost,
+        naive_cost,
+        largest_intermediate,
+        optimizer,
+        best_trial,
+    })
+}
+
+/// Reports a linear path over `eq` step by step: the step's einsum equation (operands in
+/// descending position order), the indices it sums away, its exact cost and result size.
+pub fn path_steps(eq: &str, shapes: &[Vec<usize>], path: &[Vec<usize>]) -> Result<Vec<PathStep>> {
+    if shapes.is_empty() {
+        return Err(Error::arg(OP, "operands", 0, "at least one operand"));
     }
-    // Start wide enough for networks whose index space passes 2^120 (most large ones).
-    let space_bits: u64 = net.sizes.iter().map(|&s| 64 - s.max(1).leading_zeros() as u64).sum();
-    if space_bits <= 120 {
-        attempt!(2);
-    }
-    attempt!(4, 8, 16, 32, 64);
-    Err(Error::arg(OP, "operands", eq, "a network whose sizes and costs stay below 2^4000"))
+    let network = parse(eq, shapes)?;
+    let net = Net::new(&network);
+    let start = if net.space_bits() <= 120 { 2 } else { 4 };
+    widen!(start, W => report::<W>(&network, &net, path).map(|steps| {
+        steps
+            .into_iter()
+            .map(|s| PathStep {
+                positions: s.positions,
+                einsum: s.einsum,
+                removed: s.removed,
+                cost: s.cost.to_dec(),
+                scale: s.scale,
+                size: s.size.to_dec(),
+            })
+            .collect()
+    }))
+    .map_err(|f| fail_to_error(f, eq, &Optimize::Path(path.to_vec())))
 }
 
 fn greedy_path<const W: usize>(net: &Net, limit: Option<Big<W>>) -> std::result::Result<Found, Fail> {
@@ -250,13 +336,15 @@ fn linear(n: usize, f: Found) -> Vec<Vec<usize>> {
     }
 }
 
-fn run<const W: usize>(
-    network: &Network,
+/// The path `opts` asks for, the optimizer's name and (random-greedy) the winning trial.
+type Searched = (Vec<Vec<usize>>, String, Option<u64>);
+
+fn search<const W: usize>(
     net: &Net,
     limit: Option<u128>,
     opts: &PathOptions,
     deadline: &Deadline,
-) -> std::result::Result<PathInfo, Fail> {
+) -> std::result::Result<Searched, Fail> {
     let n = net.sets.len();
     // A limit beyond this width never binds while every size fits it.
     let limit_b: Option<Big<W>> = limit.and_then(|l| Some(Big::from_u128(l)).filter(|b| b.fits()));
@@ -288,8 +376,8 @@ fn run<const W: usize>(
                 let g = linear(n, greedy_path(net, limit_b)?);
                 match dp::dp::<W>(net, limit_b, deadline) {
                     Ok(d) => {
-                        let cd = evaluate::<W>(network, net, &d)?.opt_cost;
-                        let cg = evaluate::<W>(network, net, &g)?.opt_cost;
+                        let cd = totals::<W>(net, &d)?.opt_cost;
+                        let cg = totals::<W>(net, &g)?.opt_cost;
                         if cd <= cg {
                             (d, "dp".into())
                         } else {
@@ -325,12 +413,12 @@ fn run<const W: usize>(
                             Err(e) => return Err(e),
                         };
                         let p = linear(n, found);
-                        let e = evaluate::<W>(network, net, &p)?;
+                        let e = totals::<W>(net, &p)?;
                         Ok(Some((p, e)))
                     })
                     .collect()
             });
-            let mut best: Option<(u64, Vec<Vec<usize>>, Eval<W>)> = None;
+            let mut best: Option<(u64, Vec<Vec<usize>>, Totals<W>)> = None;
             for (t, r) in (first..).zip(results) {
                 if let Some((p, e)) = r? {
                     let better = best
@@ -358,32 +446,7 @@ fn run<const W: usize>(
             (ssa_to_linear(n, &ssa), "hyper".into())
         }
     };
-    let e = evaluate::<W>(network, net, &path)?;
-    let naive = naive_cost::<W>(net)?;
-    let steps = e
-        .steps
-        .into_iter()
-        .map(|s| PathStep {
-            positions: s.positions,
-            einsum: s.einsum,
-            removed: s.removed,
-            cost: s.cost.to_dec(),
-            scale: s.scale,
-            size: s.size.to_dec(),
-        })
-        .collect();
-    Ok(PathInfo {
-        path,
-        input_subscripts: network.input_subscripts(),
-        output_subscript: network.output_subscript(),
-        size_dict: network.symbols.iter().copied().zip(network.sizes.iter().copied()).collect(),
-        steps,
-        opt_cost: e.opt_cost.to_dec(),
-        naive_cost: naive.to_dec(),
-        largest_intermediate: e.largest.to_dec(),
-        optimizer: name,
-        best_trial,
-    })
+    Ok((path, name, best_trial))
 }
 
 fn run_optimal<const W: usize>(

@@ -1,5 +1,6 @@
 //! Einsum equations: parsing, ellipsis expansion and broadcasting, as NumPy defines them.
 
+use super::hash::FastMap;
 use crate::{Error, Result};
 
 const OP: &str = "contract_path";
@@ -76,18 +77,17 @@ pub fn parse(eq: &str, shapes: &[Vec<usize>]) -> Result<Network> {
             format!("as many as the equation's terms ({} in {eq:?})", subs.len()),
         ));
     }
-    let used: std::collections::HashSet<char> = eq.chars().filter(|&c| !is_reserved(c)).collect();
-
     let mut out_ellipsis = String::new();
     let has_ellipsis = eq.contains('.');
     if has_ellipsis {
+        let used: FastMap<char, ()> = eq.chars().filter(|&c| !is_reserved(c)).map(|c| (c, ())).collect();
         let max_nd = shapes.iter().map(|s| s.len()).max().unwrap_or(0);
         let mut fresh: Vec<char> = Vec::with_capacity(max_nd);
         let mut i = 0;
         while fresh.len() < max_nd {
             let s = symbol(i);
             i += 1;
-            if !used.contains(&s) {
+            if !used.contains_key(&s) {
                 fresh.push(s);
             }
         }
@@ -122,7 +122,13 @@ pub fn parse(eq: &str, shapes: &[Vec<usize>]) -> Result<Network> {
             return Err(Error::arg(OP, "eq", format!("{eq:?}"), format!("no stray {c:?} in a term")));
         }
     }
-    let joined: String = subs.concat();
+    // How often each symbol occurs over all terms.
+    let mut occurs: FastMap<char, u32> = FastMap::default();
+    for sub in &subs {
+        for c in sub.chars() {
+            *occurs.entry(c).or_insert(0) += 1;
+        }
+    }
     let output: String = match &rhs {
         Some(r) => {
             if r.contains('.') && (r.matches('.').count() != 3 || r.matches("...").count() != 1) {
@@ -131,33 +137,36 @@ pub fn parse(eq: &str, shapes: &[Vec<usize>]) -> Result<Network> {
             r.replace("...", &out_ellipsis)
         }
         None => {
-            let mut once: Vec<char> = joined
-                .chars()
-                .filter(|&c| joined.chars().filter(|&d| d == c).count() == 1)
-                .filter(|c| !out_ellipsis.contains(*c))
+            let mut once: Vec<char> = occurs
+                .iter()
+                .filter(|&(c, &k)| k == 1 && !out_ellipsis.contains(*c))
+                .map(|(&c, _)| c)
                 .collect();
             once.sort_unstable();
-            once.dedup();
             let mut o = out_ellipsis.clone();
             o.extend(once);
             o
         }
     };
+    let mut in_output: FastMap<char, u32> = FastMap::default();
+    for c in output.chars() {
+        *in_output.entry(c).or_insert(0) += 1;
+    }
     for c in output.chars() {
         if is_reserved(c) {
             return Err(Error::arg(OP, "eq", format!("{eq:?}"), format!("no stray {c:?} in the output")));
         }
-        if output.chars().filter(|&d| d == c).count() != 1 {
+        if in_output[&c] != 1 {
             return Err(Error::arg(OP, "eq", format!("{eq:?}"), format!("output index {c:?} at most once")));
         }
-        if !joined.contains(c) {
+        if !occurs.contains_key(&c) {
             return Err(Error::arg(OP, "eq", format!("{eq:?}"), format!("output index {c:?} in some input")));
         }
     }
 
-    let mut symbols: Vec<char> = Vec::new();
-    let mut sizes: Vec<u64> = Vec::new();
-    let mut id_of = std::collections::HashMap::<char, u32>::new();
+    let mut symbols: Vec<char> = Vec::with_capacity(occurs.len());
+    let mut sizes: Vec<u64> = Vec::with_capacity(occurs.len());
+    let mut id_of: FastMap<char, u32> = FastMap::with_capacity_and_hasher(occurs.len(), Default::default());
     let mut terms = Vec::with_capacity(subs.len());
     for (num, sub) in subs.iter().enumerate() {
         let shape = &shapes[num];

@@ -61,22 +61,22 @@ fn random_network(seed: u64, n: usize, extra: usize, outputs: usize) -> (String,
 fn brute_force(eq: &str, shapes: &[Vec<usize>]) -> u128 {
     let network = parse(eq, shapes).unwrap();
     let net = Net::new(&network);
-    fn rec(network: &Network, net: &Net, k: usize, prefix: &mut Vec<Vec<usize>>, best: &mut u128) {
+    fn rec(net: &Net, k: usize, prefix: &mut Vec<Vec<usize>>, best: &mut u128) {
         if k == 1 {
-            let e = evaluate::<2>(network, net, prefix).ok().unwrap();
+            let e = totals::<2>(net, prefix).ok().unwrap();
             *best = (*best).min(e.opt_cost.to_dec().parse().unwrap());
             return;
         }
         for a in 0..k {
             for b in a + 1..k {
                 prefix.push(vec![a, b]);
-                rec(network, net, k - 1, prefix, best);
+                rec(net, k - 1, prefix, best);
                 prefix.pop();
             }
         }
     }
     let mut best = u128::MAX;
-    rec(&network, &net, net.sets.len(), &mut vec![], &mut best);
+    rec(&net, net.sets.len(), &mut vec![], &mut best);
     best
 }
 
@@ -118,8 +118,9 @@ fn memory_limit_is_honoured() {
             let mut op = opts(o);
             op.memory_limit = MemoryLimit::Elements(lim);
             let p = contract_path(&eq, &shapes, &op).unwrap();
-            let k = p.steps.len();
-            for (i, s) in p.steps.iter().enumerate() {
+            let steps = path_steps(&eq, &shapes, &p.path).unwrap();
+            let k = steps.len();
+            for (i, s) in steps.iter().enumerate() {
                 if i + 1 < k {
                     assert!(
                         s.size.parse::<u128>().unwrap() <= lim,
@@ -194,4 +195,58 @@ fn time_limit_falls_back_to_greedy() {
     o.time_limit = Some(0.0);
     let p = contract_path(&eq, &shapes, &o).unwrap();
     assert!(p.optimizer.starts_with("greedy"));
+}
+
+#[test]
+fn step_report_matches_totals() {
+    for seed in 0..30 {
+        let (eq, shapes) =
+            random_network(300 + seed, 8 + seed as usize * 3, seed as usize, seed as usize % 3);
+        for o in [Optimize::Greedy, Optimize::Auto] {
+            let p = path(&eq, &shapes, o);
+            let steps = path_steps(&eq, &shapes, &p.path).unwrap();
+            assert_eq!(steps.len(), p.path.len());
+            let total: u128 = steps.iter().map(|s| s.cost.parse::<u128>().unwrap()).sum();
+            assert_eq!(total.to_string(), p.opt_cost, "{eq}");
+            let largest = steps.iter().map(|s| s.size.parse::<u128>().unwrap()).max().unwrap().max(1);
+            assert_eq!(largest.to_string(), p.largest_intermediate);
+            for (s, q) in steps.iter().zip(&p.path) {
+                assert_eq!(&s.positions, q);
+            }
+        }
+    }
+    let s = [vec![2, 3], vec![3, 4], vec![4, 5]];
+    let e = path_steps("ij,jk,kl->il", &s, &[vec![0, 1]]).unwrap_err().to_string();
+    assert!(e.contains("path"), "{e}");
+    assert!(path_steps("ij,jk,kl->il", &s, &[vec![0, 1], vec![0, 2]])
+        .unwrap_err()
+        .to_string()
+        .contains("path"));
+}
+
+#[test]
+fn greedy_is_independent_of_the_integer_width() {
+    let (eq, shapes) = random_network(77, 60, 40, 2);
+    let network = parse(&eq, &shapes).unwrap();
+    let net = Net::new(&network);
+    let p2 = greedy::greedy::<2>(&net, None, None).ok().unwrap();
+    assert_eq!(p2, greedy::greedy::<4>(&net, None, None).ok().unwrap());
+    assert_eq!(p2, greedy::greedy::<8>(&net, None, None).ok().unwrap());
+    let t2 = totals::<2>(&net, &ssa_to_linear(net.sets.len(), &p2)).ok().unwrap();
+    let t8 = totals::<8>(&net, &ssa_to_linear(net.sets.len(), &p2)).ok().unwrap();
+    assert_eq!((t2.opt_cost.to_dec(), t2.largest.to_dec()), (t8.opt_cost.to_dec(), t8.largest.to_dec()));
+}
+
+#[test]
+fn widths_are_chosen_per_stage() {
+    assert_eq!((width_for(0), width_for(119), width_for(120), width_for(248)), (2, 2, 4, 8));
+    assert_eq!((width_for(4000), width_for(5000)), (64, 64));
+    // A ring of 40 bond-10^6 tensors: the naive cost (10^240) needs far more bits than the
+    // search, which still finds the path opt_einsum's model prices exactly.
+    let n = 40;
+    let terms: Vec<String> =
+        (0..n).map(|i| format!("{}{}", parse::symbol(i), parse::symbol((i + 1) % n))).collect();
+    let p = path(&format!("{}->", terms.join(",")), &vec![vec![1_000_000, 1_000_000]; n], Optimize::Greedy);
+    assert_eq!(p.naive_cost, format!("{}{}", 40, "0".repeat(240)));
+    assert!(p.opt_cost.len() < 40);
 }
