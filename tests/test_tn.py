@@ -4,6 +4,7 @@ cached torch executor (vs torch.einsum, with gradients)."""
 from __future__ import annotations
 
 import importlib
+import math
 import random
 
 import numpy as np
@@ -87,6 +88,96 @@ def test_optimal_beats_or_matches_every_optimizer():
             assert best <= tn.contract_path(eq, *shapes, shapes=True, optimize=opt)[1].opt_cost
         for opt in ("branch-all", "greedy"):
             assert best <= oe.contract_path(eq, *shapes, shapes=True, optimize=opt)[1].opt_cost
+
+
+def rand_loose_network(seed: int, n: int):
+    """A random network with dangling indices (on one operand, not in the output), indices
+    repeated within an operand, hyperedges, size-1 axes that broadcast and scalar operands."""
+    rng = random.Random(seed)
+    terms: list[list[str]] = [[] for _ in range(n)]
+    sizes, out = {}, []
+    for k in range(rng.randint(n, 2 * n + 2)):
+        s = ref.symbol(k)
+        sizes[s] = rng.randint(2, 5)
+        r = rng.random()
+        for t in rng.sample(range(n), 1 if r < 0.35 else 2 if r < 0.85 else 3):
+            terms[t].append(s)
+        if rng.random() < 0.15:
+            out.append(s)
+    for t in terms:
+        if t and rng.random() < 0.2:
+            t.insert(rng.randrange(len(t) + 1), rng.choice(t))
+        rng.shuffle(t)
+    shapes = [tuple(1 if rng.random() < 0.1 else sizes[c] for c in t) for t in terms]
+    return ",".join("".join(t) for t in terms) + "->" + "".join(out), shapes
+
+
+def exhaustive_cost(eq: str, shapes) -> int:
+    """The least cost over all pairwise paths under the cost model (``ref.path_cost``'s): a
+    dynamic program over subsets of inputs. An input keeps all its indices until its first
+    step; an intermediate keeps those needed by the output or by an input outside it."""
+    lhs, out = eq.split("->")
+    sets = [set(t) for t in lhs.split(",")]
+    sizes: dict[str, int] = {}
+    for t, sh in zip(lhs.split(","), shapes, strict=True):
+        for c, d in zip(t, sh, strict=True):
+            sizes[c] = max(sizes.get(c, 1), d)
+    n = len(sets)
+    full = (1 << n) - 1
+    union = [set().union(*(sets[j] for j in range(n) if m >> j & 1)) for m in range(full + 1)]
+    legs = [
+        sets[m.bit_length() - 1]
+        if m & (m - 1) == 0 and m
+        else union[m] & (set(out) | union[full ^ m])
+        for m in range(full + 1)
+    ]
+    best = [0] * (full + 1)
+    for m in range(1, full + 1):
+        if m & (m - 1) == 0:
+            continue
+        low = m & -m
+        cands = []
+        sub = m ^ low
+        while True:
+            a = low | sub
+            b = m ^ a
+            if b:
+                idx = legs[a] | legs[b]
+                factor = 1 + bool(idx - legs[m]) if m != full else 1 + bool(idx - set(out))
+                cands.append(best[a] + best[b] + math.prod(sizes[c] for c in idx) * factor)
+            if sub == 0:
+                break
+            sub = (sub - 1) & (m ^ low)
+        best[m] = min(cands)
+    return best[full]
+
+
+def test_dangling_repeated_and_broadcast_indices_vs_opt_einsum():
+    # opt_einsum's "optimal" scores a step as summing only when an index shared by both operands
+    # goes away, so where a step sums only indices of one operand (a dangling index) it can
+    # return a path dearer than its own reported cost of another: spruce is never dearer and
+    # equals the exhaustive minimum; dp and greedy follow opt_einsum's algorithms exactly.
+    for seed in range(240):
+        n = 3 + seed % 6
+        eq, shapes = rand_loose_network(5000 + seed, n)
+        for opt in ("optimal", "dp", "greedy"):
+            path, info = tn.contract_path(eq, *shapes, shapes=True, optimize=opt)
+            _, theirs = oe.contract_path(eq, *shapes, shapes=True, optimize=path)
+            assert (info.opt_cost, info.naive_cost) == (theirs.opt_cost, theirs.naive_cost), (
+                eq,
+                shapes,
+                opt,
+            )
+            assert ref.path_cost(eq, shapes, path) == (info.opt_cost, info.largest_intermediate)
+            if opt == "optimal":
+                assert info.opt_cost == exhaustive_cost(eq, shapes), (eq, shapes)
+                if n > 7:
+                    continue
+            want = oe.contract_path(eq, *shapes, shapes=True, optimize=opt)[1].opt_cost
+            if opt == "dp":
+                assert info.opt_cost == want, (eq, shapes)
+            else:
+                assert info.opt_cost <= want, (eq, shapes, opt)
 
 
 @pytest.mark.parametrize(

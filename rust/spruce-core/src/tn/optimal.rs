@@ -1,7 +1,9 @@
 //! Exhaustive search: the cheapest pairwise path under the cost model, proven optimal.
 //!
-//! The cost of contracting two intermediates depends only on which inputs each holds (the
-//! indices kept are those still needed by the output or by inputs outside them), so the best
+//! The cost of contracting two intermediates depends only on which inputs each holds (an
+//! intermediate of two or more inputs keeps the indices still needed by the output or by inputs
+//! outside it; an input keeps all of its own until its first step, which sums away those found
+//! nowhere else and pays for them), so the best
 //! cost of every subset of inputs follows from its best split: a dynamic program over all
 //! 3^n (subset, split) pairs, outer products included. Among the optimal paths the one
 //! returned is the first in depth-first order over pairs of single-assignment ids (ascending),
@@ -99,6 +101,14 @@ pub(crate) fn optimal<const W: usize>(
         }
     }
     drop(union);
+    // An input keeps every index until its first step: one found on no other operand and not
+    // in the output is summed away there (and counted in that step's cost), not beforehand.
+    for (j, set) in net.sets.iter().enumerate() {
+        let l = &mut legs[(1 << j) * words..((1 << j) + 1) * words];
+        for &i in set {
+            l[i as usize / 64] |= 1 << (i % 64);
+        }
+    }
     let t = Tables::<W> { net, words, legs };
     let fits = |s: usize| -> Result<bool, Fail> {
         Ok(match limit {

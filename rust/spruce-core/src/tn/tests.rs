@@ -250,3 +250,50 @@ fn widths_are_chosen_per_stage() {
     assert_eq!(p.naive_cost, format!("{}{}", 40, "0".repeat(240)));
     assert!(p.opt_cost.len() < 40);
 }
+
+#[test]
+fn optimal_sums_dangling_indices_at_the_first_step() {
+    // `i` (size 10) is on A alone and not in the output: it is summed away in A's first step,
+    // whose cost counts it. Best: (B, C) over {a, b} = 4 elements, x2 for the summed `b` -> 8;
+    // then A with `a` over {i, a} = 20, x2 -> 40; total 48. Joining A first costs 80 at once
+    // (over {i, a, b}); a model that drops `i` from A beforehand sees every path at 12.
+    let shapes = [vec![10, 2], vec![2, 2], vec![2]];
+    let p = path("ia,ab,b->", &shapes, Optimize::Optimal);
+    assert_eq!(p.opt_cost, "48");
+    assert_eq!(p.path, vec![vec![1, 2], vec![0, 1]]);
+    assert_eq!(brute_force("ia,ab,b->", &shapes), 48);
+    // dp (as opt_einsum's) sums `i` on its own first: 40, then (B, C) 8, then a,a-> 2 x2 = 4.
+    assert_eq!(path("ia,ab,b->", &shapes, Optimize::Dp).opt_cost, "52");
+}
+
+#[test]
+fn optimal_is_optimal_with_dangling_and_repeated_indices() {
+    let mut r = Lcg(99);
+    for seed in 0..60 {
+        let n = 3 + (seed as usize % 4);
+        let (eq, shapes) = random_network(500 + seed, n, seed as usize % 3, seed as usize % 2);
+        let (lhs, out) = eq.split_once("->").unwrap();
+        let mut terms: Vec<String> = lhs.split(',').map(str::to_string).collect();
+        let mut shapes = shapes;
+        // Dangling indices (on one operand, not in the output), some repeated on it.
+        for k in 0..1 + r.next(3) as usize {
+            let t = r.next(n as u64) as usize;
+            let (c, d) = (parse::symbol(45 + k), 2 + r.next(4) as usize);
+            let reps = 1 + (r.next(4) == 0) as usize;
+            for _ in 0..reps {
+                terms[t].push(c);
+                shapes[t].push(d);
+            }
+        }
+        let eq = format!("{}->{out}", terms.join(","));
+        let want = brute_force(&eq, &shapes);
+        assert_eq!(path(&eq, &shapes, Optimize::Optimal).opt_cost, want.to_string(), "{eq}");
+        // (dp may beat it: summing a dangling index in a one-operand step is not pairwise.)
+        for o in [Optimize::Greedy, Optimize::Auto] {
+            assert!(path(&eq, &shapes, o).opt_cost.parse::<u128>().unwrap() >= want, "{eq}");
+        }
+        let mut o = opts(Optimize::Optimal);
+        o.memory_limit = MemoryLimit::Elements(1 << 40);
+        assert_eq!(contract_path(&eq, &shapes, &o).unwrap().opt_cost, want.to_string(), "{eq}");
+    }
+}
