@@ -149,3 +149,25 @@ def test_bad_arguments_raise_typed_errors(kwargs, arg, expected):
 def test_unknown_optimizer_names_hyper():
     with pytest.raises(spruce.ArgumentError, match="'hyper'"):
         tn.contract_path("ij,jk", (2, 3), (3, 4), shapes=True, optimize="hyperr")
+
+
+def test_hyper_progress_clock_changes_nothing():
+    """The clock shown for hyper on large networks runs beside the search: same path, and an
+    error of the search still reaches the caller."""
+    from spruce.tn.paths import _with_clock
+
+    eq, shapes = ref.random_regular_network(30, 3, 2, seed=4)
+    kw = dict(shapes=True, optimize="hyper", seed=2, trials=3)
+    a = tn.contract_path(eq, *shapes, progress=False, **kw)
+    b = tn.contract_path(eq, *shapes, progress=True, **kw)
+    assert a[0] == b[0] and a[1].opt_cost == b[1].opt_cost
+    c = tn.contract_path(eq, *shapes, progress=True, time_limit=0.3, **kw)
+    assert (
+        c[1].opt_cost <= tn.contract_path(eq, *shapes, shapes=True, optimize="greedy")[1].opt_cost
+    )
+
+    def fail():
+        raise spruce.ArgumentError("from the search")
+
+    with pytest.raises(spruce.ArgumentError, match="from the search"):
+        _with_clock(fail, 1.0)

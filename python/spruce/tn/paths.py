@@ -9,7 +9,7 @@ over every operand, so the numbers compare one to one with ``opt_einsum.contract
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,7 +200,8 @@ def contract_path(
     operand); where no pairwise path fits, the path ends by contracting what is left in one step
     (``dp`` raises instead). ``time_limit`` (seconds) bounds the search: ``optimal`` and ``dp``
     then fall back to greedy (``info.optimizer`` says so), random-greedy stops starting trials.
-    ``progress`` shows a progress bar for random-greedy (default: on for 100+ operands).
+    ``progress`` shows a progress bar for random-greedy (trials done, best cost) and a clock for
+    hyper (seconds spent against ``time_limit``); default: on for 100+ operands.
 
     ``"hyper"`` is a hyper-optimizing search for large networks: each of ``trials`` trials runs
     random-greedy's trial of the same ``seed`` (``temperature``) and a greedy whose temperature,
@@ -299,6 +300,9 @@ def contract_path(
             return native(shape_list, first, count, tl)
 
     show = progress if progress is not None else len(shape_list) >= 100
+    if name == "hyper" and explicit is None and show:
+        info = _with_clock(lambda: PathInfo(call()), time_limit)
+        return info.path, info
     if name != "random-greedy" or explicit is not None or not show or trials <= _CHUNK:
         info = PathInfo(call())
         return info.path, info
@@ -322,3 +326,30 @@ def contract_path(
             bar.set_postfix(cost=f"{best.opt_cost:.3e}")
     assert best is not None
     return best.path, best
+
+
+def _with_clock(run: Callable[[], PathInfo], budget: float | None) -> PathInfo:
+    """Runs a native search (which releases the GIL) under a bar of the seconds spent, against
+    ``budget`` when there is one."""
+    import threading
+    import time
+
+    from tqdm.auto import tqdm
+
+    done = threading.Event()
+    with tqdm(total=budget, desc="hyper", unit="s", disable=None) as bar:
+
+        def tick() -> None:
+            last = time.perf_counter()
+            while not done.wait(0.25):
+                now = time.perf_counter()
+                bar.update(round(now - last, 2))
+                last = now
+
+        clock = threading.Thread(target=tick, name="spruce-hyper-clock", daemon=True)
+        clock.start()
+        try:
+            return run()
+        finally:
+            done.set()
+            clock.join()
