@@ -593,3 +593,26 @@ def test_compile_fullgraph(backend):
     assert torch.equal(
         g(base, fts[0]), merge_tensors("dare_linear", base, [fts[0]], density=0.3, seed=4)
     )
+
+
+@pytest.mark.parametrize(
+    ("sid", "args"), [s for s in SAMPLES if "grad" not in s[0]], ids=lambda v: str(v)[:20]
+)
+def test_merge_into_equals_merge_and_passes_opcheck(sid, args):
+    """The streaming writer's op: the same values as merge, written into a caller's buffer."""
+    want = torch.ops.spruce.merge(*args)
+    out = torch.full_like(want, 7.0)
+    assert torch.ops.spruce.merge_into(out, *args) is None
+    assert torch.equal(out, want)
+    torch.library.opcheck(torch.ops.spruce.merge_into, (torch.empty_like(want), *args))
+
+
+def test_merge_into_refuses_a_bad_out():
+    _, args = next(s for s in SAMPLES if s[0] == "ta-f32")
+    model = args[1][0]
+    with pytest.raises(spruce.SpruceError, match="out"):
+        torch.ops.spruce.merge_into(model, *args)  # the output would overwrite an input
+    with pytest.raises(spruce.DTypeError, match="out has dtype float64"):
+        torch.ops.spruce.merge_into(torch.empty(model.shape, dtype=F64), *args)
+    with pytest.raises(spruce.ArgumentError, match="contiguous"):
+        torch.ops.spruce.merge_into(torch.empty(model.shape[::-1]).t(), *args)

@@ -503,6 +503,19 @@ def merge(
     return from_numpy(out, models[0].dtype)
 
 
+def _span(t: Tensor) -> tuple[int, int]:
+    """The byte range a strided tensor's elements occupy (torch strides are never negative)."""
+    if t.numel() == 0:
+        return (0, 0)
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return (t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size())
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1
+
+
 @torch.library.custom_op("spruce::merge_into", mutates_args=("out",))
 def merge_into(
     out: Tensor,
@@ -540,6 +553,12 @@ def merge_into(
         )
     if not out.is_contiguous():
         raise ArgumentError("merge: out must be a contiguous tensor")
+    inputs = [t for t in (base, *models, *fisher, *masks) if t is not None]
+    if any(_overlap(out, t) for t in inputs):
+        raise ArgumentError(
+            "merge: out shares memory with an input; expected a separate buffer (inputs are "
+            "never modified)"
+        )
     spec = _merge_spec(
         combine, votes, weighted, zero_positive, divisor, normalize, sparsify, gamma, epsilon,
         rank_rule, rescale, weights, densities, scale, t, fisher_floor, seed,
