@@ -12,8 +12,8 @@
 //! totals are summed in f64 over fixed blocks of nodes or edges, so results do not depend on
 //! the thread count.
 
-use crate::error::{Error, Result};
-use crate::graph::{check_edge_index, group_by, try_filled, Elem, Real, ROW_CHUNK};
+use crate::error::{try_filled, Error, Result};
+use crate::graph::{check_edge_index, group_by, Elem, Real, ROW_CHUNK};
 use crate::parallel::{install, simd, Simd, SyncPtr};
 use crate::{rng, Float};
 use rayon::prelude::*;

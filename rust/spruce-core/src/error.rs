@@ -63,6 +63,15 @@ unsafe impl Zeroable for f64 {}
 unsafe impl Zeroable for half::f16 {}
 unsafe impl Zeroable for half::bf16 {}
 
+/// A vector of `n` copies of `v`, or [`Error::OutOfMemory`] instead of aborting.
+pub(crate) fn try_filled<T: Clone>(op: &'static str, n: usize, v: T) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n)
+        .map_err(|_| Error::OutOfMemory { op, bytes: n as u128 * std::mem::size_of::<T>() as u128 })?;
+    out.resize(n, v);
+    Ok(out)
+}
+
 /// A zero-filled vector of `n` elements, or [`Error::OutOfMemory`] instead of aborting.
 ///
 /// Uses a zeroed allocation (calloc), so untouched pages cost nothing and no serial fill runs.

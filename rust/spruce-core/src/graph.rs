@@ -10,7 +10,7 @@
 //! so results never depend on the thread count (no float atomics).
 
 use crate::dtype::{bf16, f16, Float};
-use crate::error::{Error, Result};
+use crate::error::{try_filled, Error, Result};
 use crate::parallel::{install, SyncPtr};
 use rayon::prelude::*;
 use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub, SubAssign};
@@ -182,15 +182,6 @@ impl Elem for bf16 {
     fn down(a: f32) -> bf16 {
         bf16::from_f32(a)
     }
-}
-
-/// A vector of `n` copies of `v`, or [`Error::OutOfMemory`] instead of aborting.
-pub(crate) fn try_filled<T: Clone>(op: &'static str, n: usize, v: T) -> Result<Vec<T>> {
-    let mut out = Vec::new();
-    out.try_reserve_exact(n)
-        .map_err(|_| Error::OutOfMemory { op, bytes: n as u128 * std::mem::size_of::<T>() as u128 })?;
-    out.resize(n, v);
-    Ok(out)
 }
 
 /// Self-loop handling of [`build`].

@@ -23,7 +23,7 @@
 //! atomics, and the result does not depend on the thread count.
 
 use crate::dtype::{bf16, f16, Float};
-use crate::error::{check_numel, fmt_shape, try_zeroed, Error, Result};
+use crate::error::{check_numel, fmt_shape, try_zeroed, Error, Result, Zeroable};
 use crate::parallel::install;
 use rayon::prelude::*;
 use std::ops::{Add, AddAssign, Mul, Sub};
@@ -69,12 +69,10 @@ impl Acc for f64 {
 }
 
 /// An element type the structured kernels read and write: its arithmetic type and conversions.
-pub trait Elem: Float {
+pub trait Elem: Float + Zeroable {
     type A: Acc;
     fn load(self) -> Self::A;
     fn store(a: Self::A) -> Self;
-    /// A result buffer of `n` elements (zero-filled), or [`Error::OutOfMemory`].
-    fn alloc(op: &'static str, n: usize) -> Result<Vec<Self>>;
 }
 
 impl Elem for f32 {
@@ -86,9 +84,6 @@ impl Elem for f32 {
     #[inline(always)]
     fn store(a: f32) -> Self {
         a
-    }
-    fn alloc(op: &'static str, n: usize) -> Result<Vec<Self>> {
-        try_zeroed(op, n)
     }
 }
 
@@ -102,17 +97,6 @@ impl Elem for f64 {
     fn store(a: f64) -> Self {
         a
     }
-    fn alloc(op: &'static str, n: usize) -> Result<Vec<Self>> {
-        try_zeroed(op, n)
-    }
-}
-
-fn alloc_filled<T: Copy>(op: &'static str, n: usize, fill: T) -> Result<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n)
-        .map_err(|_| Error::OutOfMemory { op, bytes: n as u128 * std::mem::size_of::<T>() as u128 })?;
-    v.resize(n, fill);
-    Ok(v)
 }
 
 impl Elem for f16 {
@@ -125,9 +109,6 @@ impl Elem for f16 {
     fn store(a: f32) -> Self {
         f16::from_f32(a)
     }
-    fn alloc(op: &'static str, n: usize) -> Result<Vec<Self>> {
-        alloc_filled(op, n, f16::ZERO)
-    }
 }
 
 impl Elem for bf16 {
@@ -139,9 +120,6 @@ impl Elem for bf16 {
     #[inline(always)]
     fn store(a: f32) -> Self {
         bf16::from_f32(a)
-    }
-    fn alloc(op: &'static str, n: usize) -> Result<Vec<Self>> {
-        alloc_filled(op, n, bf16::ZERO)
     }
 }
 
@@ -512,7 +490,7 @@ fn check_lens<T>(spec: &ButterflySpec, twiddle: &[T], x: &[T]) -> Result<()> {
 
 fn forward_impl<T: Elem, const R: usize>(twiddle: &[T], x: &[T], spec: &ButterflySpec) -> Result<Vec<T>> {
     check_lens(spec, twiddle, x)?;
-    let mut y = T::alloc(OP, spec.out_len())?;
+    let mut y = try_zeroed(OP, spec.out_len())?;
     if y.is_empty() {
         return Ok(y);
     }
@@ -706,9 +684,9 @@ pub(super) fn backward_impl<T: Elem, const R: usize>(
 ) -> Result<(Vec<T>, Vec<T>)> {
     check_lens(spec, twiddle, x)?;
     check_numel(OP, "grad", grad.len(), &spec.out_shape())?;
-    let mut gx = T::alloc(OP, spec.x_len())?;
+    let mut gx = try_zeroed(OP, spec.x_len())?;
     let tw_len = spec.twiddle_len();
-    let mut gtw = T::alloc(OP, tw_len)?;
+    let mut gtw = try_zeroed(OP, tw_len)?;
     if spec.batch == 0 || tw_len == 0 && spec.x_len() == 0 {
         return Ok((gtw, gx));
     }
@@ -867,7 +845,7 @@ fn fwht_impl<T: Elem, const R: usize>(x: &[T], shape: &[usize], normalized: bool
     }
     check_numel(FOP, "x", x.len(), shape)?;
     let rows_total: usize = lead.iter().product();
-    let mut y = T::alloc(FOP, rows_total * n)?;
+    let mut y = try_zeroed(FOP, rows_total * n)?;
     if y.is_empty() {
         return Ok(y);
     }
